@@ -1,0 +1,1 @@
+"""uplvp stages: one module per CLI command (thin glue over pipeline and uplvp_model)."""

@@ -1,0 +1,288 @@
+"""The `uplvp` command line (typer).
+
+    uplvp stage propose|pretrain|finetune|evaluate   the pipeline stages
+    uplvp data synth|split|convert|check             datasets
+    uplvp inspect masks|overlay|run                  look at stage outputs
+    uplvp predict                                    inference on new images
+    uplvp demo                                       the whole pipeline on embedded demo data
+
+Every command reads ``--config FILE.yaml`` and CLI options into one typed config; bad input
+prints one ``error: ...`` line on stderr and exits with code 2.
+"""
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.config import load_config
+from stages.errors import fail, user_errors
+
+app = typer.Typer(
+    name="uplvp",
+    help="UPLVP: unsupervised pre-training with language-vision prompts for low-data "
+    "instance segmentation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+stage_app = typer.Typer(help="Pipeline stages (each reruns alone and resumes).", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: demo data, low-data splits, converters.", no_args_is_help=True)
+convert_app = typer.Typer(help="Convert other formats to COCO instances JSON.", no_args_is_help=True)
+inspect_app = typer.Typer(help="Inspect stage outputs.", no_args_is_help=True)
+app.add_typer(stage_app, name="stage")
+app.add_typer(data_app, name="data")
+data_app.add_typer(convert_app, name="convert")
+app.add_typer(inspect_app, name="inspect")
+
+ConfigOpt = typer.Option(None, "--config", help="YAML file of options; CLI options override it.")
+NoProgressOpt = typer.Option(False, "--no-progress", help="Hide progress bars.")
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"uplvp {metadata.version('uplvp')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Show the version."
+    ),
+) -> None:
+    """UPLVP pipeline: propose -> pretrain -> finetune -> evaluate."""
+
+
+# --------------------------------------------------------------------------- not built yet
+
+_PENDING = {
+    "stage propose": "issue #3",
+    "stage pretrain": "issue #5",
+    "stage finetune": "issue #5",
+    "stage evaluate": "issue #5",
+    "predict": "issue #5",
+    "inspect masks": "issue #3",
+    "inspect overlay": "issue #3",
+    "inspect run": "issue #5",
+}
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _not_built(command: str) -> typer.Exit:
+    return fail(f"`uplvp {command}` is not implemented yet ({_PENDING[command]})")
+
+
+@stage_app.command("propose", context_settings=_PASS_THROUGH)
+def stage_propose(ctx: typer.Context) -> None:
+    """Masks Proposal: pseudo instance masks + prompt ingredients as Parquet shards."""
+    raise _not_built("stage propose")
+
+
+@stage_app.command("pretrain", context_settings=_PASS_THROUGH)
+def stage_pretrain(ctx: typer.Context) -> None:
+    """Prompt-kernel matching + kernel supervision on the proposal shards."""
+    raise _not_built("stage pretrain")
+
+
+@stage_app.command("finetune", context_settings=_PASS_THROUGH)
+def stage_finetune(ctx: typer.Context) -> None:
+    """Fine-tune on a small labeled COCO-format set (from a pre-trained checkpoint or scratch)."""
+    raise _not_built("stage finetune")
+
+
+@stage_app.command("evaluate", context_settings=_PASS_THROUGH)
+def stage_evaluate(ctx: typer.Context) -> None:
+    """COCO mask AP of a checkpoint on a labeled manifest."""
+    raise _not_built("stage evaluate")
+
+
+@app.command("predict", context_settings=_PASS_THROUGH)
+def predict(ctx: typer.Context) -> None:
+    """Inference on new images: COCO results JSON and overlays."""
+    raise _not_built("predict")
+
+
+@inspect_app.command("masks", context_settings=_PASS_THROUGH)
+def inspect_masks(ctx: typer.Context) -> None:
+    """Counts per label, score/area histograms, images without masks."""
+    raise _not_built("inspect masks")
+
+
+@inspect_app.command("overlay", context_settings=_PASS_THROUGH)
+def inspect_overlay(ctx: typer.Context) -> None:
+    """Draw one image's pseudo masks on it."""
+    raise _not_built("inspect overlay")
+
+
+@inspect_app.command("run", context_settings=_PASS_THROUGH)
+def inspect_run(ctx: typer.Context) -> None:
+    """Plot a training run's loss and AP curves."""
+    raise _not_built("inspect run")
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default 0)."),
+    num_unlabeled: Optional[int] = typer.Option(None, help="Unlabeled pool size (default 300)."),
+    num_train: Optional[int] = typer.Option(None, help="Labeled train images (default 60)."),
+    num_val: Optional[int] = typer.Option(None, help="Labeled val images (default 60)."),
+    image_size: Optional[int] = typer.Option(None, help="Base image side in px (default 128)."),
+    config: Optional[Path] = ConfigOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Write the deterministic synthetic demo dataset: unlabeled pool, train and val sets
+    (COCO JSON, polygon segmentations) and their manifests."""
+    from stages.data import SynthConfig, run_synth
+
+    cfg = load_config(
+        SynthConfig,
+        config,
+        dict(
+            out=out,
+            seed=seed,
+            num_unlabeled=num_unlabeled,
+            num_train=num_train,
+            num_val=num_val,
+            image_size=image_size,
+        ),
+    )
+    run_synth(cfg, progress=not no_progress)
+
+
+@data_app.command("split", context_settings={"allow_extra_args": True})
+@user_errors
+def data_split(
+    ctx: typer.Context,
+    annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO JSON to split."),
+    manifest: Optional[Path] = typer.Option(
+        None, "--manifest", help="Labeled manifest to split (instead of --annotations)."
+    ),
+    images_root: Optional[Path] = typer.Option(
+        None, "--images-root", help="Image folder for the written manifests."
+    ),
+    percent: Optional[list[str]] = typer.Option(
+        None, "--percent", help="Percentages, e.g. --percent 1 5 10 (default 1 5 10)."
+    ),
+    seed: Optional[list[int]] = typer.Option(None, "--seed", help="Seed(s) (default 1)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output folder (default: beside the annotations)."
+    ),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Seeded image-level low-data subsets, named like instances_train2017.{seed}@{percent}.json,
+    plus a manifest for each. One seed gives nested subsets (1% in 5% in 10%)."""
+    from stages.data import SplitConfig, run_split
+
+    percents = _parse_numbers("--percent", (percent or []) + list(ctx.args))
+    cfg = load_config(
+        SplitConfig,
+        config,
+        dict(
+            annotations=annotations,
+            manifest=manifest,
+            images_root=images_root,
+            percent=percents or None,
+            seed=seed or None,
+            out=out,
+        ),
+    )
+    run_split(cfg)
+
+
+def _parse_numbers(option: str, values: list[str]) -> list[float]:
+    """``['1', '5,10']`` -> ``[1.0, 5.0, 10.0]``; anything else is one error line."""
+    numbers = []
+    for value in values:
+        for part in str(value).split(","):
+            if not part.strip():
+                continue
+            try:
+                numbers.append(float(part))
+            except ValueError:
+                raise fail(f"{option}: '{part}' is not a number") from None
+    return numbers
+
+
+@convert_app.command("cityscapes")
+@user_errors
+def convert_cityscapes(
+    root: Optional[Path] = typer.Option(None, "--root", help="Cityscapes root (gtFine/, leftImg8bit/)."),
+    split: Optional[str] = typer.Option(None, "--split", help="train | val | test (default train)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output COCO JSON."),
+    min_area: Optional[int] = typer.Option(None, help="Drop instances smaller than this (px)."),
+    config: Optional[Path] = ConfigOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Cityscapes gtFine *_instanceIds.png -> COCO instances JSON (8 instance classes)."""
+    from stages.data import CityscapesConfig, run_convert_cityscapes
+
+    cfg = load_config(
+        CityscapesConfig, config, dict(root=root, split=split, out=out, min_area=min_area)
+    )
+    run_convert_cityscapes(cfg, progress=not no_progress)
+
+
+@convert_app.command("ctw1500")
+@user_errors
+def convert_ctw1500(
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of CTW1500 images."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label .txt files."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output COCO JSON."),
+    label_format: Optional[str] = typer.Option(
+        None, "--label-format", help="auto | curve | polygon (default auto)."
+    ),
+    config: Optional[Path] = ConfigOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """CTW1500 curved-text polygons -> COCO instances JSON (one category: text)."""
+    from stages.data import Ctw1500Config, run_convert_ctw1500
+
+    cfg = load_config(
+        Ctw1500Config,
+        config,
+        dict(images=images, labels=labels, out=out, label_format=label_format),
+    )
+    run_convert_ctw1500(cfg, progress=not no_progress)
+
+
+@data_app.command("check")
+@user_errors
+def data_check(manifest: Path = typer.Argument(..., help="Manifest YAML to validate.")) -> None:
+    """Validate a dataset manifest (and its COCO file) and print a summary."""
+    from stages.data import run_check
+
+    run_check(manifest)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+@user_errors
+def demo(
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default demo_run)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default 0)."),
+    config: Optional[Path] = ConfigOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """The whole pipeline on embedded synthetic data (runs every stage that exists)."""
+    from stages.demo import DemoConfig, run_demo
+
+    cfg = load_config(DemoConfig, config, dict(out=out, seed=seed))
+    run_demo(cfg, progress=not no_progress)
+
+
+def main() -> None:
+    app(prog_name="uplvp")
+
+
+if __name__ == "__main__":
+    main()

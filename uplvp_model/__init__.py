@@ -1,0 +1,1 @@
+"""uplvp models: tensor functions only (no files, no Ray)."""

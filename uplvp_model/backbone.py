@@ -1,0 +1,152 @@
+"""Backbones (ResNet-18/50, a tiny CNN) and the FPN pixel decoder.
+
+Every backbone maps ``images`` [B, 3, H, W] (float, normalised with :data:`PIXEL_MEAN` /
+:data:`PIXEL_STD`) to four feature maps ``c2..c5`` at strides 4, 8, 16, 32. The pixel decoder
+turns them into D-channel maps: ``mask_features`` at stride 4 or 8 and FPN levels P5..P2.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
+
+# ImageNet statistics for RGB images in [0, 1]; images are normalised as (x - mean) / std.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+
+LEVEL_STRIDES = (4, 8, 16, 32)
+
+
+class Backbone(nn.Module):
+    """Base class: ``body`` holds the weights; ``forward`` returns c2..c5 (fine to coarse).
+
+    ``freeze()`` stops gradients and keeps BatchNorm statistics fixed: after it, ``train()``
+    leaves the backbone in eval mode.
+    """
+
+    out_channels: tuple[int, int, int, int]
+    body: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen = False
+
+    def freeze(self) -> None:
+        """``requires_grad=False`` on every parameter and eval-mode BatchNorm from now on."""
+        self.frozen = True
+        for param in self.parameters():
+            param.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Backbone:
+        super().train(mode and not self.frozen)
+        return self
+
+
+class ResNetBackbone(Backbone):
+    """torchvision ResNet-18 / ResNet-50 (``weights=None``) without ``avgpool`` and ``fc``.
+
+    ``body`` keeps torchvision's parameter names (``conv1.weight``, ``layer1.0.bn1.weight``, ...),
+    so torchvision / MoCo checkpoints load into it after prefix stripping.
+    """
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        if depth == 18:
+            body = torchvision.models.resnet18(weights=None)
+            self.out_channels = (64, 128, 256, 512)
+        elif depth == 50:
+            body = torchvision.models.resnet50(weights=None)
+            self.out_channels = (256, 512, 1024, 2048)
+        else:
+            raise ValueError(f"ResNet depth must be 18 or 50, got {depth}")
+        del body.avgpool, body.fc
+        self.body = body
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """``images`` [B, 3, H, W] -> [c2, c3, c4, c5], strides 4, 8, 16, 32."""
+        b = self.body
+        x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
+        c2 = b.layer1(x)
+        c3 = b.layer2(c2)
+        c4 = b.layer3(c3)
+        c5 = b.layer4(c4)
+        return [c2, c3, c4, c5]
+
+
+class TinyBackbone(Backbone):
+    """A small conv-BN-ReLU CNN for CPU tests: stem (stride 2) then four stride-2 stages."""
+
+    def __init__(self, channels: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.out_channels = tuple(channels)  # type: ignore[assignment]
+        stem_channels = max(channels[0] // 2, 8)
+        layers: list[nn.Module] = [Conv2dNormActivation(3, stem_channels, 3, stride=2)]
+        in_ch = stem_channels
+        for out_ch in channels:
+            layers.append(nn.Sequential(
+                Conv2dNormActivation(in_ch, out_ch, 3, stride=2),
+                Conv2dNormActivation(out_ch, out_ch, 3),
+            ))
+            in_ch = out_ch
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """``images`` [B, 3, H, W] -> [c2, c3, c4, c5], strides 4, 8, 16, 32."""
+        x = self.body[0](images)
+        outs = []
+        for stage in self.body[1:]:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+
+def build_backbone(name: str, tiny_channels: tuple[int, int, int, int] = (16, 32, 64, 128)) -> Backbone:
+    """``"tiny"`` | ``"resnet18"`` | ``"resnet50"`` with random weights (never downloads)."""
+    if name == "tiny":
+        return TinyBackbone(tiny_channels)
+    if name == "resnet18":
+        return ResNetBackbone(18)
+    if name == "resnet50":
+        return ResNetBackbone(50)
+    raise ValueError(f"unknown backbone {name!r}; choose tiny, resnet18 or resnet50")
+
+
+class PixelDecoder(nn.Module):
+    """FPN over c2..c5 plus a fused mask-feature branch.
+
+    Output of ``forward(feats)``:
+        ``mask_features``: [B, D, H/s, W/s], the FPN levels with stride >= s upsampled
+            (bilinear) to stride s, summed, then conv3x3-GroupNorm-ReLU and conv1x1
+            (a simplified semantic-FPN head as used by K-Net).
+        ``levels``: [P5, P4, P3, P2], each [B, D, H/stride, W/stride], coarse to fine.
+    """
+
+    def __init__(self, in_channels: tuple[int, ...], hidden_dim: int, mask_stride: int) -> None:
+        super().__init__()
+        if mask_stride not in LEVEL_STRIDES[:2]:
+            raise ValueError(f"mask_stride must be 4 or 8, got {mask_stride}")
+        self.mask_level = LEVEL_STRIDES.index(mask_stride)
+        self.fpn = FeaturePyramidNetwork(list(in_channels), hidden_dim)
+        self.mask_head = nn.Sequential(
+            Conv2dNormActivation(
+                hidden_dim, hidden_dim, 3,
+                norm_layer=lambda ch: nn.GroupNorm(math.gcd(32, ch), ch),
+            ),
+            nn.Conv2d(hidden_dim, hidden_dim, 1),
+        )
+
+    def forward(self, feats: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """``feats`` = [c2, c3, c4, c5] -> (mask_features, [P5, P4, P3, P2])."""
+        pyramid = list(self.fpn(OrderedDict((f"c{i + 2}", f) for i, f in enumerate(feats))).values())
+        target = pyramid[self.mask_level]
+        fused = target
+        for level in pyramid[self.mask_level + 1:]:
+            fused = fused + F.interpolate(level, size=target.shape[-2:], mode="bilinear",
+                                          align_corners=False)
+        return self.mask_head(fused), pyramid[::-1]

@@ -1,0 +1,154 @@
+"""Model configuration: one typed dataclass and named presets.
+
+``model_config("base", num_classes=80)`` returns a validated :class:`ModelConfig`. A config
+round-trips through plain Python values (:meth:`ModelConfig.to_dict` /
+:meth:`ModelConfig.from_dict`) so it can be stored in a ``weights_only`` checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKBONES = ("tiny", "resnet18", "resnet50")
+DECODERS = ("knet", "mask2former")
+MASK_STRIDES = (4, 8)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a :class:`uplvp_model.model.QEISModel`.
+
+    Shared fields:
+        backbone: ``"tiny"`` (small CNN for CPU tests), ``"resnet18"`` or ``"resnet50"``
+            (torchvision architectures, random init unless ``backbone_checkpoint`` is given).
+        backbone_checkpoint: local path of backbone weights (torchvision, MoCo v2, mmdet-style
+            ``backbone.`` prefixed); never downloaded.
+        freeze_backbone: no gradients to the backbone and its BatchNorm layers stay in eval mode.
+        decoder: ``"knet"`` (dynamic kernel updates) or ``"mask2former"`` (masked attention).
+        hidden_dim: D, channels of every pixel-decoder output and of the kernels.
+        num_kernels: N, number of kernels (queries).
+        num_stages: K-Net update stages, or Mask2Former decoder layers (the reference
+            Mask2Former uses 9 = 3 rounds over 3 levels).
+        num_classes: C; class logits have C + 1 entries, the last is "no object".
+        mask_stride: s, ``pred_masks`` are at input resolution / s (4 or 8).
+        num_heads: attention heads (kernel self-attention, Mask2Former attention).
+        ffn_dim: hidden width of the feed-forward blocks.
+        dropout: dropout in attention and feed-forward blocks.
+        num_feature_levels: how many FPN levels (coarsest first) form ``multi_scale``.
+
+    K-Net fields:
+        knet_cls_fcs / knet_mask_fcs: Linear-LayerNorm-ReLU blocks before the class head and
+            before the mask-kernel projection.
+
+    Mask2Former fields:
+        m2f_mask_mlp_layers: depth of the MLP mapping a query to its mask embedding.
+
+    Tiny backbone field:
+        tiny_channels: output channels of the four tiny-CNN stages (strides 4, 8, 16, 32).
+    """
+
+    backbone: str = "resnet50"
+    backbone_checkpoint: str | None = None
+    freeze_backbone: bool = False
+    decoder: str = "knet"
+    hidden_dim: int = 256
+    num_kernels: int = 100
+    num_stages: int = 3
+    num_classes: int = 1
+    mask_stride: int = 4
+    num_heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.0
+    num_feature_levels: int = 3
+    knet_cls_fcs: int = 1
+    knet_mask_fcs: int = 1
+    m2f_mask_mlp_layers: int = 3
+    tiny_channels: tuple[int, int, int, int] = field(default=(16, 32, 64, 128))
+
+    def __post_init__(self) -> None:
+        self.tiny_channels = tuple(int(c) for c in self.tiny_channels)  # type: ignore[assignment]
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"ModelConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"ModelConfig.decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if self.mask_stride not in MASK_STRIDES:
+            raise ValueError(
+                f"ModelConfig.mask_stride must be one of {MASK_STRIDES}, got {self.mask_stride!r}"
+            )
+        for name in ("hidden_dim", "num_kernels", "num_stages", "num_classes", "num_heads",
+                     "ffn_dim", "m2f_mask_mlp_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("knet_cls_fcs", "knet_mask_fcs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.hidden_dim % self.num_heads != 0:
+            raise ValueError(
+                f"ModelConfig.hidden_dim ({self.hidden_dim}) must be divisible by "
+                f"num_heads ({self.num_heads})"
+            )
+        if not 1 <= self.num_feature_levels <= 4:
+            raise ValueError(
+                f"ModelConfig.num_feature_levels must be in 1..4, got {self.num_feature_levels!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if len(self.tiny_channels) != 4 or min(self.tiny_channels) < 1:
+            raise ValueError(
+                f"ModelConfig.tiny_channels must be 4 positive integers, got {self.tiny_channels!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (str/int/float/bool/None/tuple values), safe for ``weights_only``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # CPU tests and demos: a forward+backward step at 64-128 px takes tens of milliseconds.
+    "tiny": {
+        "backbone": "tiny",
+        "hidden_dim": 32,
+        "num_kernels": 10,
+        "num_stages": 2,
+        "num_heads": 4,
+        "ffn_dim": 64,
+        "tiny_channels": (16, 32, 64, 128),
+    },
+    # Single small GPU: ResNet-18, narrower decoder.
+    "small": {
+        "backbone": "resnet18",
+        "hidden_dim": 128,
+        "num_kernels": 100,
+        "num_stages": 3,
+        "num_heads": 8,
+        "ffn_dim": 1024,
+    },
+    # The reference setting: ResNet-50, D = 256, 100 kernels, 3 stages.
+    "base": {
+        "backbone": "resnet50",
+        "hidden_dim": 256,
+        "num_kernels": 100,
+        "num_stages": 3,
+        "num_heads": 8,
+        "ffn_dim": 2048,
+    },
+}
+
+
+def model_config(preset: str, **overrides: Any) -> ModelConfig:
+    """The named preset with ``overrides`` applied; unknown preset or field raises ``ValueError``."""
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return ModelConfig.from_dict({**MODEL_PRESETS[preset], **overrides})
