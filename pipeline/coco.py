@@ -113,6 +113,7 @@ def validate_coco(coco: Any, path: str | Path) -> None:
     for key in _REQUIRED_TOP:
         if key not in coco:
             raise InputError(f"not a COCO instances file (missing '{key}')", path)
+    for key in _REQUIRED_TOP:
         if not isinstance(coco[key], list):
             raise InputError(f"'{key}' must be a list", path)
 
