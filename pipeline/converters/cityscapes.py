@@ -20,8 +20,9 @@ from typing import Any
 
 import cv2
 import numpy as np
+from pycocotools import mask as mask_utils
 
-from pipeline.coco import mask_bbox_xywh, mask_to_rle, write_coco
+from pipeline.coco import mask_to_rle, write_coco
 from pipeline.converters import image_size, progress_iter
 from pipeline.errors import InputError
 
@@ -147,7 +148,10 @@ def _find_pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
 
 
 def _read_instance_ids(path: Path, image_hw: tuple[int, int]) -> np.ndarray:
-    """Read an ``instanceIds`` PNG as an int64 (H, W) array and check it against the image size."""
+    """Read an ``instanceIds`` PNG as an int64 (H, W) array, checked against the image size.
+
+    The array is Fortran-ordered so that per-value masks RLE-encode without a copy.
+    """
     ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if ids is None:
         raise InputError("cannot read instanceIds PNG", path)
@@ -168,7 +172,7 @@ def _read_instance_ids(path: Path, image_hw: tuple[int, int]) -> np.ndarray:
             f"{image_hw[1]}x{image_hw[0]} (width x height)",
             path,
         )
-    return ids.astype(np.int64)
+    return np.asfortranarray(ids, dtype=np.int64)
 
 
 def _image_annotations(
@@ -192,12 +196,12 @@ def _image_annotations(
         if is_instance and area < min_area:
             counts["skipped_small"] += 1
             continue
-        mask = ids == value
+        rle = mask_to_rle(ids == value)
         annotations.append({
             "category_id": CATEGORIES[label_id][0],
-            "segmentation": mask_to_rle(mask),
+            "segmentation": rle,
             "area": int(area),
-            "bbox": mask_bbox_xywh(mask),
+            "bbox": [float(v) for v in mask_utils.toBbox(rle)],
             "iscrowd": 0 if is_instance else 1,
         })
     return annotations

@@ -85,9 +85,7 @@ def convert_ctw1500(
             a line with a non-numeric field or an odd coordinate count (file and line named),
             an unreadable image.
     """
-    if label_format not in LABEL_FORMATS:
-        raise InputError(f"label_format must be one of {', '.join(LABEL_FORMATS)}, "
-                         f"got {label_format!r}")
+    _check_format(label_format)
     pairs, unmatched = match_label_files(Path(images_dir), Path(labels_dir))
 
     images: list[dict[str, Any]] = []
@@ -193,8 +191,10 @@ def parse_label_file(path: Path, label_format: str = "auto") -> tuple[str, list[
     Returns the resolved format (``curve`` or ``polygon``; ``label_format`` itself when it is
     not ``auto``) and the regions in line order. Blank lines are ignored. Raises
     :class:`InputError` naming the file and line for a non-numeric field, an odd coordinate
-    count, or a line that does not fit an explicitly requested ``curve`` format.
+    count, a line that does not fit an explicitly requested ``curve`` format, or an unknown
+    ``label_format``.
     """
+    _check_format(label_format)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -216,6 +216,12 @@ def parse_label_file(path: Path, label_format: str = "auto") -> tuple[str, list[
             points = np.asarray(values, dtype=np.float64).reshape(-1, 2)
         regions.append(TextRegion(points, transcription, lineno))
     return resolved, regions
+
+
+def _check_format(label_format: str) -> None:
+    if label_format not in LABEL_FORMATS:
+        raise InputError(f"label_format must be one of {', '.join(LABEL_FORMATS)}, "
+                         f"got {label_format!r}")
 
 
 def _parse_line(path: Path, lineno: int, raw: str) -> tuple[list[float], str | None]:
