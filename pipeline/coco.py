@@ -31,20 +31,22 @@ def polygons_to_mask(polygons: list[list[float]], height: int, width: int) -> np
     return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
 
 
-def mask_to_polygons(mask: np.ndarray, min_points: int = 3) -> list[list[float]]:
-    """Outer contours of a bool mask as COCO polygons (holes are not represented).
+def mask_to_polygons(mask: np.ndarray) -> list[list[float]]:
+    """Outer contours of a bool mask as COCO polygons that pycocotools rasterises back to the
+    same pixels (holes are not represented).
 
-    Contours with fewer than ``min_points`` points are dropped, so a 1-2 pixel sliver yields no
-    polygon; callers that must keep every pixel should store RLE instead.
+    OpenCV traces contours through pixel centres, which would lose half a pixel all round
+    (-12 % area on a radius-8 disk). Tracing the mask upsampled 2x and mapping points back with
+    ``(p + 0.5) / 2`` puts the outline a quarter pixel inside the pixel edges instead, which
+    rasterises to exactly the traced pixels.
     """
-    contours, _ = cv2.findContours(
-        np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-    )
+    up = np.repeat(np.repeat(np.asarray(mask, dtype=np.uint8), 2, axis=0), 2, axis=1)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     polygons = []
     for contour in contours:
-        if len(contour) < min_points:
+        if len(contour) < 3:
             continue
-        polygons.append([float(v) for v in contour.reshape(-1)])
+        polygons.append([(float(v) + 0.5) / 2 for v in contour.reshape(-1)])
     return polygons
 
 

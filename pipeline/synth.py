@@ -254,8 +254,10 @@ def _coords(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """Cluttered background, RGB float32 (H, W, 3) in about [0, 1]."""
     base = _hsv(rng.uniform(0, 360), rng.uniform(0.05, 0.45), rng.uniform(0.35, 0.8))
-    img = base + 0.12 * _smooth_noise(rng, (height, width, 3), cells=int(rng.integers(3, 7)))
-    img += 0.05 * _smooth_noise(rng, (height, width, 3), cells=12)
+    cells = int(rng.integers(3, 7))
+    img = base + 0.12 * _smooth_noise(rng, (height, width, 1), cells=cells)  # brightness
+    img += 0.06 * _smooth_noise(rng, (height, width, 3), cells=cells)  # colour
+    img += 0.04 * _smooth_noise(rng, (height, width, 3), cells=12)
     scale = min(height, width)
 
     for _ in range(int(rng.integers(3, 9))):  # soft blotches
@@ -315,9 +317,10 @@ def _object_pixels(
     v: np.ndarray,
     r: float,
 ) -> np.ndarray:
-    """Colours of one object over the whole frame, RGB float32 (H, W, 3): the category's
-    texture (or, with probability ``TEXTURE_SWAP_P``, another category's) mixing two colours
-    from the category's hue range, with a soft shading across the object."""
+    """Colours of one object, RGB float32 (h, w, 3), at object-frame coordinates ``u``, ``v``
+    (float32 (h, w), pixels, over the object's bounding box): the category's texture (or, with
+    probability ``TEXTURE_SWAP_P``, another category's) mixing two colours from the category's
+    hue range, with a soft shading across the object."""
     texture = category.texture
     if len(categories) > 1 and rng.random() < TEXTURE_SWAP_P:
         texture = categories[int(rng.integers(len(categories)))].texture
@@ -403,10 +406,13 @@ def generate_image(
                 break
         else:
             continue  # no hole-free placement found: skip this object
-        u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
-        v = -(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)
+        bx, by, bw, bh = cv2.boundingRect(full.astype(np.uint8))
+        box = (slice(by, by + bh), slice(bx, bx + bw))
+        dx, dy = x[box] - cx, y[box] - cy
+        u = dx * np.cos(angle) + dy * np.sin(angle)
+        v = -dx * np.sin(angle) + dy * np.cos(angle)
         pixels = _object_pixels(rng, category, categories, u, v, r)
-        img[full] = pixels[full]
+        img[box][full[box]] = pixels[full[box]]
         labels = trial
         drawn.append((category.id, int(full.sum())))
 
@@ -434,16 +440,16 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(split.encode()), index]))
 
 
-def exact_polygons(mask: np.ndarray) -> list[list[float]]:
-    """COCO polygons that pycocotools rasterises back to exactly ``mask`` (bool (H, W)).
-
-    ``mask_to_polygons`` traces pixel centres, so its polygons lose about half a pixel all
-    around (-12 % area on a radius-8 disk). Tracing the mask upsampled 2x and mapping the
-    points back with ``(p + 0.5) / 2`` puts the outline a quarter pixel inside the pixel edges,
-    which rasterises to the same pixels. Holes are not represented.
-    """
-    up = np.kron(mask.astype(np.uint8), np.ones((2, 2), np.uint8))
-    return [[(p + 0.5) / 2 for p in poly] for poly in mask_to_polygons(up)]
+def synth_example(
+    seed: int, split: str, index: int, image_size: int = 128
+) -> tuple[np.ndarray, list[Instance]]:
+    """Image ``index`` of ``split`` exactly as :func:`write_synth_dataset` writes it: its size
+    drawn from :func:`image_shapes` and its scene from :func:`generate_image`, both with
+    :func:`image_rng`. Returns (image uint8 (H, W, 3) RGB, [(category_id, mask bool (H, W))])."""
+    rng = image_rng(seed, split, index)
+    shapes = image_shapes(image_size)
+    height, width = shapes[int(rng.integers(len(shapes)))]
+    return generate_image(rng, height, width)
 
 
 def _encode_png(image: np.ndarray) -> bytes:
@@ -458,7 +464,7 @@ def _write_split(
     split: str,
     count: int,
     seed: int,
-    shapes: list[tuple[int, int]],
+    image_size: int,
     on_image: Callable[[], None],
 ) -> dict:
     """Write ``count`` images of ``split``; returns the COCO dict (images + annotations)."""
@@ -471,9 +477,8 @@ def _write_split(
     images: list[dict] = []
     annotations: list[dict] = []
     for index in range(count):
-        rng = image_rng(seed, split, index)
-        height, width = shapes[int(rng.integers(len(shapes)))]
-        image, instances = generate_image(rng, height, width)
+        image, instances = synth_example(seed, split, index, image_size)
+        height, width = image.shape[:2]
         file_name = f"{split}_{index:06d}.png"
         write_bytes_atomic(images_dir / file_name, _encode_png(image))
         image_id = index + 1
@@ -483,7 +488,7 @@ def _write_split(
                 "id": len(annotations) + 1,
                 "image_id": image_id,
                 "category_id": category_id,
-                "segmentation": exact_polygons(mask),
+                "segmentation": mask_to_polygons(mask),
                 "area": int(mask.sum()),
                 "bbox": mask_bbox_xywh(mask),
                 "iscrowd": 0,
@@ -519,13 +524,14 @@ def write_synth_dataset(
         raise InputError(f"seed must be a non-negative integer, got {seed!r}", out)
     for split, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise InputError(f"number of {split} images must be a non-negative integer, got {n!r}", out)
+            raise InputError(
+                f"number of {split} images must be a non-negative integer, got {n!r}", out
+            )
     if not 64 <= image_size <= 1024:
         raise InputError(f"image_size must be between 64 and 1024, got {image_size}", out)
     if out.exists() and not out.is_dir():
         raise InputError("output path exists and is not a folder", out)
 
-    shapes = image_shapes(image_size)
     categories = [{"id": c.id, "name": c.name, "supercategory": "shape"} for c in CATEGORIES]
     summary: dict = {
         "out_dir": str(out),
@@ -538,7 +544,7 @@ def write_synth_dataset(
         for split in SPLITS:
             task = bar.add_task(f"synth {split}", total=counts[split])
             coco = _write_split(
-                out, split, counts[split], seed, shapes, lambda: bar.advance(task)
+                out, split, counts[split], seed, image_size, lambda: bar.advance(task)
             )
             manifest = out / f"{split}.yaml"
             if split == "unlabeled":

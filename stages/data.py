@@ -36,10 +36,8 @@ def run_synth(cfg: SynthConfig, progress: bool = True) -> dict:
     from pipeline.synth import write_synth_dataset
 
     for field in ("num_unlabeled", "num_train", "num_val"):
-        if getattr(cfg, field) < 0:
-            raise InputError(f"--{field.replace('_', '-')} must be >= 0")
-    if cfg.image_size < 32:
-        raise InputError("--image-size must be >= 32")
+        if getattr(cfg, field) < 1:  # an empty split would give a manifest that cannot load
+            raise InputError(f"--{field.replace('_', '-')} must be >= 1")
     started = now_iso()
     t0 = time.perf_counter()
     summary = write_synth_dataset(

@@ -43,21 +43,20 @@ def test_uncompressed_rle_decodes():
     assert mask.T.reshape(-1).tolist() == [False, False, False, True, True, False]
 
 
-def test_mask_to_polygons_round_trip_on_a_filled_square():
-    mask = np.zeros((20, 20), bool)
-    mask[5:15, 4:12] = True
-    polys = mask_to_polygons(mask)
-    assert len(polys) == 1
-    back = polygons_to_mask(polys, 20, 20)
-    inter = (back & mask).sum()
-    union = (back | mask).sum()
-    assert inter / union > 0.75  # contour runs through pixel centres: boundary half-pixels lost
+def test_mask_to_polygons_single_pixel_has_exact_quarter_pixel_outline():
+    pixel = np.zeros((4, 5), bool)
+    pixel[1, 2] = True
+    assert mask_to_polygons(pixel) == [[2.25, 1.25, 2.25, 1.75, 2.75, 1.75, 2.75, 1.25]]
+    assert np.array_equal(polygons_to_mask(mask_to_polygons(pixel), 4, 5), pixel)
 
 
-def test_mask_to_polygons_drops_slivers():
-    mask = np.zeros((10, 10), bool)
-    mask[3, 3] = True
-    assert mask_to_polygons(mask) == []
+def test_mask_to_polygons_rasterise_back_to_exactly_the_mask():
+    yy, xx = np.mgrid[:40, :50]
+    disk = (yy - 20) ** 2 + (xx - 18) ** 2 <= 8**2
+    blob = disk | ((yy > 5) & (yy < 9) & (xx > 30) & (xx < 47))  # two components
+    polys = mask_to_polygons(blob)
+    assert len(polys) == 2
+    assert np.array_equal(polygons_to_mask(polys, 40, 50), blob)
 
 
 def test_annotation_to_mask_handles_both_encodings():
