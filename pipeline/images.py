@@ -1,0 +1,42 @@
+"""Reading images robustly: one RGB uint8 array or one clear error, never a crash.
+
+``cv2.imdecode`` over the file's bytes handles paths with spaces/unicode, applies EXIF rotation,
+and turns grayscale, RGBA and 16-bit images into 8-bit 3-channel images. Images larger than
+``max_side`` are downscaled (area interpolation) so a huge file cannot exhaust memory downstream.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+class ImageReadError(Exception):
+    """An image that cannot be decoded; ``str(err)`` is a short reason (no path)."""
+
+
+def read_image_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray:
+    """Decode ``path`` to an (H, W, 3) uint8 RGB array, downscaled to ``max_side`` if larger."""
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise ImageReadError(f"cannot read file ({err.strerror or err})") from None
+    if data.size == 0:
+        raise ImageReadError("empty file (0 bytes)")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ImageReadError("not a decodable image (corrupt, truncated or unsupported format)")
+    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if max_side is not None and max(image.shape[:2]) > max_side:
+        image = resize_max_side(image, max_side)
+    return np.ascontiguousarray(image)
+
+
+def resize_max_side(image: np.ndarray, max_side: int) -> np.ndarray:
+    """Downscale so that the longer side equals ``max_side`` (aspect ratio kept, >= 1 px)."""
+    h, w = image.shape[:2]
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
