@@ -104,3 +104,17 @@ def test_other_format_version_is_rejected(tmp_path):
     assert shard_status(tmp_path, 0, "h1") == "stale"
     with pytest.raises(InputError, match="format_version 99 is not supported"):
         validate_shard_file(path, IMAGES_SCHEMA)
+
+
+def _documented_columns(section: str) -> list[tuple[str, str]]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "shards.md").read_text()
+    body = text.split(f"## `{section}/` columns")[1].split("\n## ")[0]
+    rows = [line.split("|")[1:3] for line in body.splitlines() if line.startswith("| `")]
+    return [(name.strip().strip("`"), typ.strip()) for name, typ in rows]
+
+
+@pytest.mark.parametrize("section, schema", [("masks", MASKS_SCHEMA), ("images", IMAGES_SCHEMA)])
+def test_schema_matches_the_docs(section, schema):
+    assert _documented_columns(section) == [(f.name, str(f.type)) for f in schema]
