@@ -161,7 +161,8 @@ class PromptEncoder(nn.Module):
             g = self.grid_size
             if grids.shape != (num, g, g):
                 raise ValueError(
-                    f"PromptEncoder: prompts[{index}]['shape_grids'] must be [{num}, {g}, {g}], got {tuple(grids.shape)}"
+                    f"PromptEncoder: prompts[{index}]['shape_grids'] must be [{num}, {g}, {g}], "
+                    f"got {tuple(grids.shape)}"
                 )
             out = out + self.shape_mlp(grids.to(features.dtype).flatten(1))
         if self.embedding_proj is not None and prompt.get("embeddings") is not None:

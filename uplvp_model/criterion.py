@@ -1,0 +1,314 @@
+"""Training criteria: ``PretrainCriterion`` (kernel supervision) and ``SetCriterion`` (fine-tuning).
+
+Both are called as ``criterion(outputs, targets, *, kernel_to_prompt=None, step=0)`` where
+
+- ``outputs`` holds ``"pred_logits"`` [B, N, C + 1] (last = no object), ``"pred_masks"``
+  [B, N, h, w] mask logits, ``"kernels"`` [B, N, D] and ``"aux_outputs"`` (a list of dicts with
+  the same keys, one per earlier decoder stage);
+- ``targets`` is a list of B dicts: ``"labels"`` LongTensor [M], ``"masks"`` BoolTensor [M, H, W]
+  at input resolution, and for pre-training ``"prompts"`` [M, D] (the encoded prompt of each
+  pseudo mask, for the embedding loss) and, for the text loss, ``"text_embeddings"`` [V, E] (one
+  vocabulary for the whole batch: the first image's is used) and ``"label_index"`` LongTensor [M].
+
+They return ``dict[str, Tensor]``: every term already multiplied by its weight (final layer
+``"loss_<term>"``, aux layer i ``"loss_<term>_aux<i>"``) and ``"loss"``, their sum.
+Mask terms compare matched predictions and targets at K uniform random points per mask
+(``num_points``) or, with ``num_points=None``, on the prediction grid (targets resampled
+bilinearly). Mask and objectness terms are normalised by the number of target masks in the batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
+
+from uplvp_model.losses import (
+    kernel_embedding_loss,
+    mask_bce_loss,
+    mask_dice_loss,
+    point_sample,
+    resize_masks,
+    sample_points,
+    text_alignment_loss,
+)
+from uplvp_model.matcher import HungarianMatcher, identity_weight_schedule
+
+Indices = list[tuple[Tensor, Tensor]]
+
+
+def objectness_logits(pred_logits: Tensor) -> Tensor:
+    """Log-odds that a kernel is an object: [B, N, C + 1] -> [B, N].
+
+    ``logsumexp(logits[..., :C]) - logits[..., C]``, so ``sigmoid`` of it equals the softmax
+    probability of "any class" (for C = 1: ``softmax(logits)[..., 0]``).
+    """
+    return torch.logsumexp(pred_logits[..., :-1].float(), dim=-1) - pred_logits[..., -1].float()
+
+
+def decoder_layers(outputs: dict) -> list[tuple[str, dict]]:
+    """(name suffix, layer outputs) for the final layer ("") and each aux layer ("_aux<i>")."""
+    layers = [("", outputs)]
+    layers += [(f"_aux{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+    return layers
+
+
+def check_targets(targets: list[dict], batch: int, keys: tuple[str, ...]) -> None:
+    """Raise ValueError unless there are ``batch`` target dicts each holding ``keys``."""
+    if len(targets) != batch:
+        raise ValueError(f"criterion: {len(targets)} target dicts for a batch of {batch}")
+    for i, target in enumerate(targets):
+        for key in keys:
+            if target.get(key) is None:
+                raise ValueError(f"criterion: targets[{i}] has no {key!r}")
+        if target["masks"].dim() != 3 or target["masks"].shape[0] != target["labels"].shape[0]:
+            raise ValueError(
+                f"criterion: targets[{i}]['masks'] must be [M, H, W] with M = {target['labels'].shape[0]} "
+                f"labels, got {tuple(target['masks'].shape)}"
+            )
+
+
+def matched_mask_samples(
+    pred_masks: Tensor,
+    targets: list[dict],
+    indices: Indices,
+    num_points: int | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    """Matched mask logits and targets brought to the same samples: two [sum M_i, K] tensors.
+
+    With ``num_points`` K each matched pair gets its own K uniform random points; with None,
+    K = h * w and the targets are resampled to the prediction grid.
+    """
+    size = tuple(pred_masks.shape[-2:])
+    logits, values = [], []
+    for i, (src, tgt) in enumerate(indices):
+        pred = pred_masks[i, src.to(pred_masks.device)]
+        target = targets[i]["masks"][tgt.to(targets[i]["masks"].device)].to(pred_masks.device)
+        if num_points is None:
+            logits.append(pred.flatten(1))
+            values.append(resize_masks(target, size).flatten(1))
+        else:
+            points = sample_points(num_points, num_sets=len(src), generator=generator, device=pred_masks.device)
+            logits.append(point_sample(pred, points))
+            values.append(point_sample(target, points))
+    return torch.cat(logits), torch.cat(values)
+
+
+def _num_masks(targets: list[dict]) -> float:
+    return max(float(sum(int(t["labels"].shape[0]) for t in targets)), 1.0)
+
+
+def _matched_kernels(kernels: Tensor, indices: Indices) -> Tensor:
+    """Kernels of matched pairs, image by image: [sum M_i, D]."""
+    return torch.cat([kernels[i, src.to(kernels.device)] for i, (src, _) in enumerate(indices)])
+
+
+def _matched_target_rows(targets: list[dict], key: str, indices: Indices, device: torch.device) -> Tensor:
+    """``targets[i][key][target index]`` of matched pairs, image by image: [sum M_i, ...]."""
+    return torch.cat([targets[i][key].to(device)[tgt.to(device)] for i, (_, tgt) in enumerate(indices)])
+
+
+class PretrainCriterion(nn.Module):
+    """Kernel supervision for pre-training on pseudo masks.
+
+    Terms per decoder layer (defaults: focal 2, BCE 1, dice 4, embedding 1, text 0 = off):
+
+    - ``focal``: sigmoid focal loss (alpha 0.25, gamma 2) on :func:`objectness_logits` of all
+      B x N kernels, target 1 for matched kernels and 0 otherwise; summed, / number of masks.
+    - ``bce`` / ``dice``: mask losses of matched pairs (``uplvp_model.losses``).
+    - ``embedding``: mean ``1 - cos(matched kernel, prompt of its target)`` (prompts detached
+      unless ``detach_prompt_targets=False``).
+    - ``text`` (optional): CE of ``text_projection(matched kernel)`` against the vocabulary
+      ``text_embeddings`` with the target's ``label_index``; needs ``kernel_dim`` and
+      ``text_dim`` and creates the learnable ``text_projection`` (train it with the model).
+
+    Matching: ``HungarianMatcher`` (class 2, BCE 1, dice 4), blended with the prompt-identity
+    cost using ``identity_weight_schedule(step, identity_warmup_steps, identity_start,
+    identity_end)`` when ``kernel_to_prompt`` is given.
+    """
+
+    def __init__(
+        self,
+        *,
+        focal_weight: float = 2.0,
+        bce_weight: float = 1.0,
+        dice_weight: float = 4.0,
+        embedding_weight: float = 1.0,
+        text_weight: float = 0.0,
+        kernel_dim: int | None = None,
+        text_dim: int | None = None,
+        text_temperature: float = 0.07,
+        identity_warmup_steps: int = 1000,
+        identity_start: float = 0.1,
+        identity_end: float = 1.0,
+        num_points: int | None = 12544,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        detach_prompt_targets: bool = True,
+        matcher: HungarianMatcher | None = None,
+    ) -> None:
+        super().__init__()
+        if text_weight > 0 and (kernel_dim is None or text_dim is None):
+            raise ValueError("PretrainCriterion: text_weight > 0 needs kernel_dim and text_dim")
+        self.weights = {
+            "focal": focal_weight,
+            "bce": bce_weight,
+            "dice": dice_weight,
+            "embedding": embedding_weight,
+            "text": text_weight,
+        }
+        self.text_projection = nn.Linear(kernel_dim, text_dim) if text_weight > 0 else None
+        self.text_temperature = text_temperature
+        self.identity_warmup_steps = identity_warmup_steps
+        self.identity_start = identity_start
+        self.identity_end = identity_end
+        self.num_points = num_points
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.detach_prompt_targets = detach_prompt_targets
+        self.matcher = matcher or HungarianMatcher(
+            class_weight=2.0, bce_weight=1.0, dice_weight=4.0, num_points=num_points
+        )
+
+    def identity_weight(self, step: int) -> float:
+        """Weight of the prompt-identity cost in the matcher at ``step``."""
+        return identity_weight_schedule(step, self.identity_warmup_steps, self.identity_start, self.identity_end)
+
+    def forward(
+        self,
+        outputs: dict,
+        targets: list[dict],
+        *,
+        kernel_to_prompt: list[Tensor] | None = None,
+        step: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Weighted loss terms and their sum ``"loss"`` (module docstring); ``generator``
+        (CPU) drives the random sample points (default: global RNG)."""
+        keys = ("labels", "masks")
+        if self.weights["embedding"] > 0:
+            keys += ("prompts",)
+        if self.text_projection is not None:
+            keys += ("text_embeddings", "label_index")
+        check_targets(targets, outputs["pred_logits"].shape[0], keys)
+        identity = self.identity_weight(step) if kernel_to_prompt is not None else 0.0
+        num_masks = _num_masks(targets)
+        losses: dict[str, Tensor] = {}
+        for suffix, layer in decoder_layers(outputs):
+            indices = self.matcher(
+                layer["pred_logits"], layer["pred_masks"], targets,
+                kernel_to_prompt=kernel_to_prompt, identity_weight=identity, generator=generator,
+            )
+            for name, value in self._layer_losses(layer, targets, indices, num_masks, generator).items():
+                losses[f"loss_{name}{suffix}"] = self.weights[name] * value
+        losses["loss"] = torch.stack(list(losses.values())).sum()
+        return losses
+
+    def _layer_losses(
+        self,
+        layer: dict,
+        targets: list[dict],
+        indices: Indices,
+        num_masks: float,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        logits = layer["pred_logits"]
+        object_target = torch.zeros(logits.shape[:2], device=logits.device)
+        for i, (src, _) in enumerate(indices):
+            object_target[i, src.to(logits.device)] = 1.0
+        focal = sigmoid_focal_loss(
+            objectness_logits(logits), object_target, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+        )
+        mask_logits, mask_targets = matched_mask_samples(
+            layer["pred_masks"], targets, indices, self.num_points, generator
+        )
+        losses = {
+            "focal": focal / num_masks,
+            "bce": mask_bce_loss(mask_logits, mask_targets, num_masks),
+            "dice": mask_dice_loss(mask_logits, mask_targets, num_masks),
+        }
+        if self.weights["embedding"] > 0:
+            kernels = _matched_kernels(layer["kernels"], indices)
+            prompts = _matched_target_rows(targets, "prompts", indices, kernels.device)
+            if self.detach_prompt_targets:
+                prompts = prompts.detach()
+            losses["embedding"] = kernel_embedding_loss(kernels, prompts)
+        if self.text_projection is not None:
+            kernels = _matched_kernels(layer["kernels"], indices)
+            labels = _matched_target_rows(targets, "label_index", indices, kernels.device)
+            vocabulary = targets[0]["text_embeddings"].to(kernels.device)
+            losses["text"] = text_alignment_loss(
+                self.text_projection(kernels), vocabulary, labels, temperature=self.text_temperature
+            )
+        return losses
+
+
+class SetCriterion(nn.Module):
+    """Fine-tuning set-prediction losses (Mask2Former style).
+
+    Terms per decoder layer (defaults: ce 2, BCE 5, dice 5):
+
+    - ``ce``: softmax cross-entropy over C + 1 classes for all B x N kernels, unmatched kernels
+      target the last (no-object) class whose class weight is ``no_object_weight`` (0.1);
+      weighted mean as in ``F.cross_entropy(weight=...)``.
+    - ``bce`` / ``dice``: mask losses of matched pairs.
+
+    Matching: ``HungarianMatcher`` (class 2, BCE 5, dice 5). ``kernel_to_prompt`` must be None
+    and ``step`` is unused (the arguments exist so both criteria share one call).
+    """
+
+    def __init__(
+        self,
+        *,
+        ce_weight: float = 2.0,
+        bce_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        no_object_weight: float = 0.1,
+        num_points: int | None = 12544,
+        matcher: HungarianMatcher | None = None,
+    ) -> None:
+        super().__init__()
+        self.weights = {"ce": ce_weight, "bce": bce_weight, "dice": dice_weight}
+        self.no_object_weight = no_object_weight
+        self.num_points = num_points
+        self.matcher = matcher or HungarianMatcher(
+            class_weight=2.0, bce_weight=5.0, dice_weight=5.0, num_points=num_points
+        )
+
+    def forward(
+        self,
+        outputs: dict,
+        targets: list[dict],
+        *,
+        kernel_to_prompt: list[Tensor] | None = None,
+        step: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Weighted loss terms and their sum ``"loss"`` (module docstring)."""
+        if kernel_to_prompt is not None:
+            raise ValueError("SetCriterion: kernel_to_prompt is for pre-training; pass None when fine-tuning")
+        check_targets(targets, outputs["pred_logits"].shape[0], ("labels", "masks"))
+        num_masks = _num_masks(targets)
+        losses: dict[str, Tensor] = {}
+        for suffix, layer in decoder_layers(outputs):
+            indices = self.matcher(layer["pred_logits"], layer["pred_masks"], targets, generator=generator)
+            logits = layer["pred_logits"]
+            num_classes = logits.shape[-1] - 1
+            target_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.long, device=logits.device)
+            for i, (src, tgt) in enumerate(indices):
+                target_classes[i, src.to(logits.device)] = targets[i]["labels"].to(logits.device)[tgt.to(logits.device)]
+            class_weight = torch.ones(num_classes + 1, device=logits.device)
+            class_weight[-1] = self.no_object_weight
+            mask_logits, mask_targets = matched_mask_samples(
+                layer["pred_masks"], targets, indices, self.num_points, generator
+            )
+            terms = {
+                "ce": F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=class_weight),
+                "bce": mask_bce_loss(mask_logits, mask_targets, num_masks),
+                "dice": mask_dice_loss(mask_logits, mask_targets, num_masks),
+            }
+            for name, value in terms.items():
+                losses[f"loss_{name}{suffix}"] = self.weights[name] * value
+        losses["loss"] = torch.stack(list(losses.values())).sum()
+        return losses
