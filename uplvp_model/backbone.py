@@ -106,7 +106,8 @@ class TinyBackbone(Backbone):
         return outs
 
 
-def build_backbone(name: str, tiny_channels: tuple[int, int, int, int] = (16, 32, 64, 128)) -> Backbone:
+def build_backbone(name: str,
+                   tiny_channels: tuple[int, int, int, int] = (16, 32, 64, 128)) -> Backbone:
     """``"tiny"`` | ``"resnet18"`` | ``"resnet50"`` with random weights (never downloads)."""
     if name == "tiny":
         return TinyBackbone(tiny_channels)
@@ -143,7 +144,8 @@ class PixelDecoder(nn.Module):
 
     def forward(self, feats: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """``feats`` = [c2, c3, c4, c5] -> (mask_features, [P5, P4, P3, P2])."""
-        pyramid = list(self.fpn(OrderedDict((f"c{i + 2}", f) for i, f in enumerate(feats))).values())
+        named = OrderedDict((f"c{i + 2}", f) for i, f in enumerate(feats))
+        pyramid = list(self.fpn(named).values())
         target = pyramid[self.mask_level]
         fused = target
         for level in pyramid[self.mask_level + 1:]:

@@ -69,9 +69,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.tiny_channels = tuple(int(c) for c in self.tiny_channels)  # type: ignore[assignment]
         if self.backbone not in BACKBONES:
-            raise ValueError(f"ModelConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+            raise ValueError(
+                f"ModelConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.decoder not in DECODERS:
-            raise ValueError(f"ModelConfig.decoder must be one of {DECODERS}, got {self.decoder!r}")
+            raise ValueError(
+                f"ModelConfig.decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.mask_stride not in MASK_STRIDES:
             raise ValueError(
                 f"ModelConfig.mask_stride must be one of {MASK_STRIDES}, got {self.mask_stride!r}"
@@ -121,7 +123,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         "backbone": "tiny",
         "hidden_dim": 32,
         "num_kernels": 10,
-        "num_stages": 2,
+        "num_stages": 3,
         "num_heads": 4,
         "ffn_dim": 64,
         "tiny_channels": (16, 32, 64, 128),
@@ -148,7 +150,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def model_config(preset: str, **overrides: Any) -> ModelConfig:
-    """The named preset with ``overrides`` applied; unknown preset or field raises ``ValueError``."""
+    """The named preset with ``overrides`` applied; an unknown preset or field raises
+    ``ValueError``."""
     if preset not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
     return ModelConfig.from_dict({**MODEL_PRESETS[preset], **overrides})

@@ -9,36 +9,12 @@ heads predict class logits (Linear) and mask logits (MLP mask embedding . ``mask
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-
-
-def sine_position_embedding(height: int, width: int, dim: int, device: torch.device,
-                            dtype: torch.dtype, temperature: float = 10000.0) -> Tensor:
-    """DETR sine embedding of a ``height`` x ``width`` grid -> [dim, height, width].
-
-    The first ``dim/2`` channels encode y, the rest x; coordinates are normalised to (0, 2*pi].
-    ``dim`` must be divisible by 4.
-    """
-    if dim % 4 != 0:
-        raise ValueError(f"sine position embedding needs dim divisible by 4, got {dim}")
-    half = dim // 2
-    y = (torch.arange(1, height + 1, device=device, dtype=torch.float32) / height) * 2 * math.pi
-    x = (torch.arange(1, width + 1, device=device, dtype=torch.float32) / width) * 2 * math.pi
-    freqs = temperature ** (2 * (torch.arange(half, device=device) // 2) / half)
-
-    def encode(coords: Tensor) -> Tensor:  # [n] -> [half, n]
-        angles = coords[None, :] / freqs[:, None]
-        return torch.stack((angles[0::2].sin(), angles[1::2].cos()), dim=1).flatten(0, 1)
-
-    pos_y = encode(y)[:, :, None].expand(half, height, width)
-    pos_x = encode(x)[:, None, :].expand(half, height, width)
-    return torch.cat((pos_y, pos_x), dim=0).to(dtype)
+from ..position_encoding import sine_position_map
 
 
 class MLP(nn.Module):
@@ -137,7 +113,7 @@ class Mask2FormerDecoder(nn.Module):
         memories, memory_pos = [], []
         for i, level in enumerate(levels):
             _, d, h, w = level.shape
-            pos = sine_position_embedding(h, w, d, level.device, level.dtype)
+            pos = sine_position_map(h, w, d, device=level.device, dtype=level.dtype)
             memories.append((level + self.level_embed.weight[i][:, None, None]).flatten(2)
                             .transpose(1, 2))
             memory_pos.append(pos.flatten(1).transpose(0, 1)[None])
