@@ -11,7 +11,6 @@ from pathlib import Path
 from rich.console import Console
 
 from pipeline.run_record import now_iso, write_run_record
-from stages.config import StageConfig
 from stages.data import SynthConfig, run_check, run_synth
 
 console = Console(stderr=True)
@@ -19,13 +18,10 @@ console = Console(stderr=True)
 PENDING_STEPS = ("propose", "pretrain", "finetune (pre-trained and scratch)", "evaluate")
 
 
-class DemoConfig(StageConfig):
+class DemoConfig(SynthConfig):
+    """The synthetic data options, plus (as stages join the demo) their budgets."""
+
     out: Path = Path("demo_run")
-    seed: int = 0
-    num_unlabeled: int = 300
-    num_train: int = 60
-    num_val: int = 60
-    image_size: int = 128
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
@@ -33,17 +29,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     data_dir = cfg.out / "data"
     console.rule("[bold]1. synthetic data")
-    synth = run_synth(
-        SynthConfig(
-            out=data_dir,
-            seed=cfg.seed,
-            num_unlabeled=cfg.num_unlabeled,
-            num_train=cfg.num_train,
-            num_val=cfg.num_val,
-            image_size=cfg.image_size,
-        ),
-        progress=progress,
-    )
+    synth_fields = {name: getattr(cfg, name) for name in SynthConfig.model_fields}
+    synth = run_synth(SynthConfig(**{**synth_fields, "out": data_dir}), progress=progress)
     for split in ("unlabeled", "train", "val"):
         run_check(data_dir / f"{split}.yaml")
     console.rule("[bold]pending")
