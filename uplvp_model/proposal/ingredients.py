@@ -63,8 +63,9 @@ def mask_pooled_embedding(dense: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Average of a dense feature map over a mask, L2-normalised.
 
     dense: float ``[E, h, w]`` features covering the same image extent as ``mask`` (bool
-    ``[H, W]``, any resolution). The mask is resized to ``h x w`` with ``cv2.INTER_AREA``, so
-    each feature cell is weighted by the fraction of it the mask covers. Returns float32 ``[E]``.
+    ``[H, W]`` or float coverage in [0, 1], any resolution). The mask is resized to ``h x w``
+    with ``cv2.INTER_AREA``, so each feature cell is weighted by the fraction of it the mask
+    covers. Returns float32 ``[E]``.
     """
     if dense.ndim != 3:
         raise ValueError(f"dense features must be [E, h, w], got shape {dense.shape}")

@@ -27,37 +27,50 @@ def mask_iou_matrix(masks: np.ndarray) -> np.ndarray:
     """Pairwise IoU of a mask stack.
 
     masks: bool ``[N, H, W]``. Returns float64 ``[N, N]``; IoU of two empty masks is 0.
+    Pixel counts are accumulated in float32 (exact) when ``H * W < 2**24``, else float64.
     """
     if masks.ndim != 3:
         raise ValueError(f"masks must be [N, H, W], got shape {masks.shape}")
-    flat = masks.reshape(masks.shape[0], -1).astype(np.float64)
-    inter = flat @ flat.T
-    areas = flat.sum(axis=1)
+    pixels = masks.shape[1] * masks.shape[2]
+    flat = masks.reshape(masks.shape[0], pixels).astype(np.float32 if pixels < 2**24 else np.float64)
+    inter = (flat @ flat.T).astype(np.float64)
+    areas = flat.sum(axis=1, dtype=np.float64)
     union = areas[:, None] + areas[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def mask_nms(masks: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+def mask_nms(
+    masks: np.ndarray, scores: np.ndarray, iou_threshold: float, max_keep: int | None = None
+) -> np.ndarray:
     """Greedy hard NMS on masks.
 
-    masks: bool ``[N, H, W]``; scores: ``[N]``. A mask is dropped when its IoU with an already
-    kept, higher-scored mask is strictly greater than ``iou_threshold``. Returns the kept
-    indices (int64 ``[M]``) ordered by score, descending (ties: lower index first).
+    masks: bool ``[N, H, W]``; scores: ``[N]``. Masks are visited by score, descending (ties:
+    lower index first); one is dropped when its IoU with an already kept mask is strictly
+    greater than ``iou_threshold``. Stops after ``max_keep`` kept masks (all when ``None``).
+    Returns the kept indices, int64 ``[M]``, in visiting order. Each visited mask is compared
+    with the kept ones on its own pixels only, so the cost grows with N x kept x mask area, not
+    N^2 x H x W.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) != len(masks):
         raise ValueError(f"{len(masks)} masks but {len(scores)} scores")
     order = np.argsort(-scores, kind="stable")
-    if len(order) == 0:
-        return order.astype(np.int64)
-    iou = mask_iou_matrix(masks)
-    suppressed = np.zeros(len(order), dtype=bool)
+    limit = len(order) if max_keep is None else min(max_keep, len(order))
+    flat = masks.reshape(len(masks), int(np.prod(masks.shape[1:])))
+    areas = flat.sum(axis=1)
+    kept_rows = np.zeros((limit, flat.shape[1]), dtype=bool)
     kept: list[int] = []
     for i in order:
-        if suppressed[i]:
-            continue
+        if len(kept) == limit:
+            break
+        if kept:
+            inter = kept_rows[: len(kept), flat[i]].sum(axis=1)
+            union = areas[kept] + areas[i] - inter
+            iou = np.divide(inter, union, out=np.zeros(len(kept)), where=union > 0)
+            if (iou > iou_threshold).any():
+                continue
+        kept_rows[len(kept)] = flat[i]
         kept.append(int(i))
-        suppressed |= iou[i] > iou_threshold
     return np.asarray(kept, dtype=np.int64)
 
 
@@ -138,5 +151,5 @@ def masks_from_probability_maps(
     if not masks:
         return []
     stack = np.stack(masks)
-    kept = mask_nms(stack, np.asarray(scores), nms_iou)[:top_k]
+    kept = mask_nms(stack, np.asarray(scores), nms_iou, max_keep=top_k)
     return [MaskCandidate(stack[i], scores[i], classes[i]) for i in kept]
