@@ -33,7 +33,6 @@ def test_version_and_help():
 @pytest.mark.parametrize(
     "args",
     [
-        ["stage", "propose", "--out", "x"],
         ["stage", "pretrain"],
         ["stage", "finetune"],
         ["stage", "evaluate"],

@@ -90,6 +90,18 @@ def _has_weight_file(folder: Path) -> bool:
     return any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth"))
 
 
+def register_model_config(model_name: str) -> str:
+    """``"path/to/Arch.json"`` -> register it with open_clip and return ``"Arch"``; any other
+    name is returned unchanged."""
+    if not model_name.endswith(".json"):
+        return model_name
+    path = Path(model_name).expanduser()
+    if not path.is_file():
+        raise ValueError(f"CLIP model config {model_name!r} not found")
+    open_clip.add_model_config(path)
+    return path.stem
+
+
 def load_clip(
     model_name: str, checkpoint: str | None, device: str | torch.device = "cpu"
 ) -> LoadedClip:
@@ -103,8 +115,12 @@ def load_clip(
         ``model_name`` is then ignored.
       - an open_clip pretrained tag of ``model_name`` (e.g. ``"laion2b_s34b_b88k"``): used only if
         its file is already in the local cache.
+    model_name may also be the path of an open_clip model config JSON (``*.json``): it is
+    registered with ``open_clip.add_model_config`` under its file stem (in this process, so every
+    Ray worker that builds the proposer registers it too).
     Raises ``ValueError`` for anything else.
     """
+    model_name = register_model_config(model_name)
     common = {"device": device, "pretrained_image": False, "pretrained_text": False}
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None

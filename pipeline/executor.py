@@ -1,0 +1,128 @@
+"""Run a per-shard worker over shard indices: in this process, or on Ray Data actors.
+
+A *worker* is built once per process/actor (it holds the model) from ``worker_cls(**kwargs)``
+and called as ``worker(shard_index) -> dict`` (a JSON-able summary of that shard). The worker
+writes its own outputs; the executor only schedules and collects summaries.
+
+Ray execution: ``ray.data.from_items(shards)`` -> ``map_batches(actor class, batch_size=1,
+compute=ActorPoolStrategy(size=n))``. Actors ask for a fraction of a CPU each so that Ray Data's
+own tasks are never starved (on 2 cores, actors holding every CPU deadlock the pipeline), and for
+one GPU each only when the cluster has GPUs (asking for an absent GPU makes Ray wait forever).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    num_workers: int = 2  # 0 = run in this process, no Ray
+    ray_address: str | None = None  # None: $RAY_ADDRESS if set, else a local Ray
+    use_gpu: bool | None = None  # None: one GPU per actor iff the cluster has GPUs
+    cpus_per_worker: float | None = None  # None: share the CPUs, leaving headroom
+
+
+def run_shards(
+    shard_indices: list[int],
+    worker_cls: type,
+    worker_kwargs: dict[str, Any],
+    config: ExecutorConfig,
+) -> Iterator[dict]:
+    """Yield one summary dict per shard, in completion order."""
+    if not shard_indices:
+        return
+    if config.num_workers <= 0:
+        worker = worker_cls(**worker_kwargs)
+        for index in shard_indices:
+            yield worker(index)
+        return
+    yield from _run_on_ray(shard_indices, worker_cls, worker_kwargs, config)
+
+
+def _run_on_ray(shard_indices, worker_cls, worker_kwargs, config: ExecutorConfig):
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ensure_ray(config.ray_address)
+    resources = ray.cluster_resources()
+    total_cpus = float(resources.get("CPU", 1.0))
+    has_gpu = resources.get("GPU", 0) > 0
+    use_gpu = has_gpu if config.use_gpu is None else (config.use_gpu and has_gpu)
+    num_workers = max(1, min(config.num_workers, len(shard_indices)))
+    cpus = config.cpus_per_worker or cpus_per_worker(total_cpus, num_workers)
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the stage shows its own bar
+    ctx.verbose_progress = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # Large constructor arguments (the image list) go to the object store once, by reference,
+    # so actors stay restartable and every actor gets the same object.
+    kwargs_ref = ray.put(worker_kwargs)
+
+    dataset = ray.data.from_items(
+        [{"shard": int(i)} for i in shard_indices], override_num_blocks=len(shard_indices)
+    )
+    results = dataset.map_batches(
+        _RayShardActor,
+        batch_size=1,
+        batch_format="pandas",
+        compute=ActorPoolStrategy(size=num_workers),
+        fn_constructor_kwargs={
+            "worker_cls": worker_cls,
+            "worker_kwargs_ref": [kwargs_ref],  # in a list: Ray does not resolve nested refs
+            "torch_threads": max(1, int(cpus)),
+        },
+        num_cpus=cpus,
+        num_gpus=1 if use_gpu else 0,
+    )
+    for row in results.iter_rows():
+        yield _unpack(row)
+
+
+def cpus_per_worker(total_cpus: float, num_workers: int) -> float:
+    """CPUs each actor asks for: an equal share of all but half a CPU (kept for Ray Data's
+    read/scheduling tasks), at least 0.1."""
+    return max(0.1, round((total_cpus - 0.5) / num_workers, 2))
+
+
+def ensure_ray(address: str | None) -> None:
+    """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray, unless already up."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address is None:
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    else:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+
+
+class _RayShardActor:
+    """Ray Data callable class: holds one worker, maps a one-row batch {shard} -> summary."""
+
+    def __init__(self, worker_cls: type, worker_kwargs_ref: list, torch_threads: int):
+        import ray
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.worker = worker_cls(**ray.get(worker_kwargs_ref[0]))
+
+    def __call__(self, batch):
+        import json
+
+        import pandas as pd
+
+        summaries = [json.dumps(self.worker(int(s))) for s in batch["shard"]]
+        return pd.DataFrame({"summary": summaries})
+
+
+def _unpack(row: dict) -> dict:
+    import json
+
+    return json.loads(row["summary"])
+

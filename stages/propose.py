@@ -1,0 +1,275 @@
+"""`uplvp stage propose`: pseudo instance masks + prompt ingredients as Parquet shards.
+
+manifest -> sorted image list -> fixed shards -> (local loop | Ray Data actors) -> one
+``masks/`` + ``images/`` Parquet file per shard -> ``stage.json``. Completed shards (same config
+and image list) are skipped; ``--overwrite`` redoes them. Output contract: ``docs/shards.md``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.errors import InputError
+from pipeline.executor import ExecutorConfig, run_shards
+from pipeline.manifest import load_manifest
+from pipeline.run_record import now_iso, write_run_record
+from pipeline.shards import (
+    array_task_shards,
+    parse_shard_list,
+    plan_shards,
+    shard_file,
+    shard_status,
+)
+from stages.config import StageConfig
+
+console = Console(stderr=True)
+
+EXIT_SHARDS_FAILED = 1
+
+
+class ProposeConfig(StageConfig):
+    images: Path  # dataset manifest of the (unlabeled) images
+    out: Path
+    proposer: Literal["classical", "clip", "freemask"] = "classical"
+    clip_model: str = "ViT-B-16"
+    clip_checkpoint: str | None = None
+    backbone_checkpoint: str | None = None
+    vocabulary: Path | None = None
+    top_k: int = 20
+    min_area: int = 32
+    options: dict[str, Any] = {}  # further proposer keyword options (see docs/proposers.md)
+    shard_size: int = 64
+    batch_size: int = 8
+    max_side: int = 1024
+    grid_size: int = 32
+    device: str = "auto"
+    # how to run; these do not change the output and are excluded from the config hash
+    num_workers: int = 2
+    ray_address: str | None = None
+    shards: str | None = None
+    shard_index: int | None = None
+    num_shards: int | None = None
+    overwrite: bool = False
+
+    HASH_EXCLUDE = frozenset(
+        {"images", "out", "device", "num_workers", "ray_address", "shards", "shard_index",
+         "num_shards", "overwrite"}
+    )
+
+
+def proposer_options(cfg: ProposeConfig) -> dict[str, Any]:
+    """Keyword options for ``build_proposer(cfg.proposer, ...)``."""
+    options: dict[str, Any] = {"top_k": cfg.top_k, "min_area": cfg.min_area}
+    if cfg.proposer == "clip":
+        options.update(model_name=cfg.clip_model, checkpoint=cfg.clip_checkpoint)
+        options["device"] = resolve_device(cfg.device)
+        if cfg.vocabulary is not None:
+            options["vocabulary"] = read_vocabulary(cfg.vocabulary)
+    elif cfg.proposer == "freemask":
+        options.update(checkpoint=cfg.backbone_checkpoint, device=resolve_device(cfg.device))
+    options.update(cfg.options)
+    return options
+
+
+def read_vocabulary(path: Path) -> list[str]:
+    """One class name per line; blank lines and ``#`` comments ignored."""
+    if not Path(path).is_file():
+        raise InputError("vocabulary file not found", path)
+    names = [
+        line.strip()
+        for line in Path(path).read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not names:
+        raise InputError("vocabulary file has no names", path)
+    if len(set(names)) != len(names):
+        raise InputError("vocabulary file lists a name twice", path)
+    return names
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def select_shards(cfg: ProposeConfig, num_shards: int) -> list[int]:
+    if cfg.shards is not None and cfg.shard_index is not None:
+        raise InputError("give --shards or --shard-index/--num-shards, not both")
+    if cfg.shards is not None:
+        return parse_shard_list(cfg.shards, num_shards)
+    if cfg.shard_index is not None or cfg.num_shards is not None:
+        if cfg.shard_index is None or cfg.num_shards is None:
+            raise InputError("--shard-index and --num-shards go together")
+        return array_task_shards(cfg.shard_index, cfg.num_shards, num_shards)
+    return list(range(num_shards))
+
+
+def image_list_hash(images: list[tuple[int, str]]) -> str:
+    blob = json.dumps(images, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def run_propose(cfg: ProposeConfig, progress: bool = True) -> int:
+    """Run the stage; returns the process exit code (0 ok, 1 some shards failed)."""
+    started = now_iso()
+    t0 = time.perf_counter()
+    dataset = load_manifest(cfg.images)
+    images = [(im.image_id, str(im.path.resolve())) for im in dataset.images]
+    for field in ("shard_size", "batch_size", "max_side", "grid_size", "top_k"):
+        if getattr(cfg, field) < 1:
+            raise InputError(f"--{field.replace('_', '-')} must be >= 1")
+    shards = plan_shards(len(images), cfg.shard_size)
+    selected = select_shards(cfg, len(shards))
+    # Shards depend on the config and on the exact image list: both go into the hash.
+    run_hash = hashlib.sha256(
+        f"{cfg.config_hash()}:{image_list_hash(images)}".encode()
+    ).hexdigest()[:16]
+    _guard_other_config(cfg, run_hash)
+
+    todo = []
+    for index in selected:
+        status = shard_status(cfg.out, index, run_hash)
+        if status == "complete" and not cfg.overwrite:
+            continue
+        todo.append(index)
+    skipped = len(selected) - len(todo)
+    console.print(
+        f"propose: proposer={cfg.proposer}, {len(images)} images in {len(shards)} shards of "
+        f"{cfg.shard_size}; running {len(todo)} shard(s), {skipped} already complete"
+    )
+    if cfg.proposer == "classical":
+        console.print("proposer 'classical': weight-free OpenCV segmentation (no CLIP model)")
+
+    worker_kwargs = dict(
+        images=images,
+        out_dir=str(cfg.out),
+        config_hash=run_hash,
+        proposer=cfg.proposer,
+        proposer_options=proposer_options(cfg),
+        shard_size=cfg.shard_size,
+        batch_size=cfg.batch_size,
+        max_side=cfg.max_side,
+        grid_size=cfg.grid_size,
+    )
+    executor = ExecutorConfig(num_workers=cfg.num_workers, ray_address=cfg.ray_address)
+    summaries = _run_with_progress(todo, shards, worker_kwargs, executor, progress)
+
+    failed = [s for s in summaries if s["status"] != "ok"]
+    setup_errors = {s["setup_error"] for s in failed if "setup_error" in s}
+    if setup_errors and len(failed) == len(summaries):
+        raise InputError(f"--proposer {cfg.proposer}: {sorted(setup_errors)[0]}")
+    for s in failed:
+        console.print(f"[red]shard {s['shard']} failed: {s['error']}[/red]")
+    totals = dataset_totals(cfg.out, len(shards))
+    elapsed = time.perf_counter() - t0
+    ran_images = sum(s.get("images", 0) for s in summaries)
+    counts = {
+        "images": len(images),
+        "shards": len(shards),
+        "shards_selected": len(selected),
+        "shards_run": len(todo),
+        "shards_skipped": skipped,
+        "shards_failed": [s["shard"] for s in failed],
+        "images_per_second": round(ran_images / elapsed, 2) if elapsed > 0 else None,
+        "seconds": round(elapsed, 2),
+        **totals,
+    }
+    write_run_record(
+        cfg.out,
+        stage="propose",
+        config=cfg.resolved(),
+        config_hash=run_hash,
+        inputs={"images": str(cfg.images), "image_list_hash": image_list_hash(images)},
+        counts=counts,
+        started_at=started,
+    )
+    _print_summary(counts, summaries)
+    return EXIT_SHARDS_FAILED if failed else 0
+
+
+def _guard_other_config(cfg: ProposeConfig, run_hash: str) -> None:
+    record = Path(cfg.out) / "stage.json"
+    if not record.is_file() or cfg.overwrite:
+        return
+    try:
+        previous = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if previous.get("stage") == "propose" and previous.get("config_hash") != run_hash:
+        raise InputError(
+            f"holds shards of another config or image list (hash {previous.get('config_hash')} "
+            f"!= {run_hash}); use another --out, or --overwrite to replace them",
+            cfg.out,
+        )
+
+
+def _run_with_progress(todo, shards, worker_kwargs, executor, progress) -> list[dict]:
+    from stages.propose_worker import ProposeShardWorker
+
+    summaries: list[dict] = []
+    total_images = sum(shards[i].stop - shards[i].start for i in todo)
+    columns = (
+        TextColumn("[bold]propose"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("shards"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
+    t0 = time.perf_counter()
+    done_images = 0
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("propose", total=len(todo), rate="")
+        for summary in run_shards(todo, ProposeShardWorker, worker_kwargs, executor):
+            summaries.append(summary)
+            done_images += summary.get("images", 0)
+            rate = done_images / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=1, rate=f"{rate:.1f} img/s of {total_images}")
+    return summaries
+
+
+def dataset_totals(out_dir: Path, num_shards: int) -> dict[str, Any]:
+    """Counts over every shard on disk (also those written by other array tasks)."""
+    ok = errors = masks = present = 0
+    for index in range(num_shards):
+        path = shard_file(out_dir, "images", index)
+        if not path.is_file():
+            continue
+        present += 1
+        table = pq.read_table(path, columns=["status", "num_masks"])
+        statuses = table.column("status").to_pylist()
+        ok += statuses.count("ok")
+        errors += statuses.count("error")
+        masks += sum(table.column("num_masks").to_pylist())
+    return {
+        "shards_on_disk": present,
+        "images_ok": ok,
+        "images_error": errors,
+        "masks": masks,
+        "masks_per_image": round(masks / ok, 2) if ok else 0.0,
+    }
+
+
+def _print_summary(counts: dict, summaries: list[dict]) -> None:
+    model_s = sum(s.get("model_seconds", 0.0) for s in summaries)
+    work_s = sum(s.get("seconds", 0.0) for s in summaries)
+    console.print(
+        f"propose done in {counts['seconds']} s: shards run {counts['shards_run']}, skipped "
+        f"{counts['shards_skipped']}, failed {len(counts['shards_failed'])}; on disk "
+        f"{counts['shards_on_disk']}/{counts['shards']} shards, images ok {counts['images_ok']}, "
+        f"failed {counts['images_error']}, {counts['masks_per_image']} masks/image"
+        + (f"; model time {100 * model_s / work_s:.0f}% of shard time" if work_s > 0 else "")
+    )
+    for s in summaries:
+        for err in s.get("errors", [])[:5]:
+            console.print(f"  unreadable image {err['image_path']}: {err['error']}")
