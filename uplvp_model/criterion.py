@@ -14,11 +14,14 @@ They return ``dict[str, Tensor]``: every term already multiplied by its weight (
 ``"loss_<term>"``, aux layer i ``"loss_<term>_aux<i>"``) and ``"loss"``, their sum.
 Mask terms compare matched predictions and targets at K uniform random points per mask
 (``num_points``) or, with ``num_points=None``, on the prediction grid (targets resampled
-bilinearly). Mask and objectness terms are normalised by the number of target masks in the batch.
+bilinearly). Mask and objectness terms are normalised by the number of target masks in the batch
+(under ``torch.distributed``: the mean count over ranks, as DETR does, so that the gradient
+averaged by DistributedDataParallel equals that of the whole global batch).
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
@@ -95,8 +98,18 @@ def matched_mask_samples(
     return torch.cat(logits), torch.cat(values)
 
 
-def _num_masks(targets: list[dict]) -> float:
-    return max(float(sum(int(t["labels"].shape[0]) for t in targets)), 1.0)
+def num_masks_normaliser(targets: list[dict], device: torch.device) -> float:
+    """Number of target masks in the batch, at least 1.
+
+    With ``torch.distributed`` initialised every rank must call this at the same point (it is a
+    collective): the count is summed over ranks (``all_reduce`` on ``device``, which must suit
+    the backend: CUDA for nccl) and divided by the world size before the clamp.
+    """
+    count = torch.tensor(float(sum(int(t["labels"].shape[0]) for t in targets)), device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return max(float(count), 1.0)
 
 
 def _matched_kernels(kernels: Tensor, indices: Indices) -> Tensor:
@@ -193,7 +206,7 @@ class PretrainCriterion(nn.Module):
             keys += ("text_embeddings", "label_index")
         check_targets(targets, outputs["pred_logits"].shape[0], keys)
         identity = self.identity_weight(step) if kernel_to_prompt is not None else 0.0
-        num_masks = _num_masks(targets)
+        num_masks = num_masks_normaliser(targets, outputs["pred_logits"].device)
         losses: dict[str, Tensor] = {}
         for suffix, layer in decoder_layers(outputs):
             indices = self.matcher(
@@ -289,7 +302,7 @@ class SetCriterion(nn.Module):
         if kernel_to_prompt is not None:
             raise ValueError("SetCriterion: kernel_to_prompt is for pre-training; pass None when fine-tuning")
         check_targets(targets, outputs["pred_logits"].shape[0], ("labels", "masks"))
-        num_masks = _num_masks(targets)
+        num_masks = num_masks_normaliser(targets, outputs["pred_logits"].device)
         losses: dict[str, Tensor] = {}
         for suffix, layer in decoder_layers(outputs):
             indices = self.matcher(layer["pred_logits"], layer["pred_masks"], targets, generator=generator)

@@ -1,0 +1,181 @@
+"""`uplvp predict`: instance masks for new images with a fine-tuned checkpoint.
+
+images (a folder, searched recursively, or a dataset manifest) -> the evaluation loader's fixed
+resize -> model -> COCO results -> ``predictions.json`` + ``images.json`` (image id -> file,
+size) + ``stage.json``, and with ``overlays`` one PNG per image with the masks drawn on it.
+Checkpoint keys: as ``stages.evaluate`` (``docs/evaluation.md``).
+"""
+from __future__ import annotations
+
+import colorsys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+from rich.console import Console
+
+from pipeline.atomic import write_bytes_atomic, write_json_atomic
+from pipeline.coco import rle_to_mask
+from pipeline.coco_dataset import eval_loader
+from pipeline.errors import InputError
+from pipeline.images import ImageReadError, read_image_rgb
+from pipeline.manifest import IMAGE_EXTENSIONS, Dataset, ImageRecord, load_manifest
+from pipeline.run_record import now_iso, write_run_record
+from pipeline.transforms import eval_config
+from stages.config import StageConfig
+from stages.evaluate import PREDICTIONS_FILE, load_inference_model, predict_results
+from stages.propose import resolve_device
+
+console = Console(stderr=True)
+
+IMAGES_FILE = "images.json"
+OVERLAY_DIR = "overlays"
+OVERLAY_ALPHA = 0.5
+
+
+class PredictConfig(StageConfig):
+    checkpoint: Path  # a checkpoint file, or a run folder (its checkpoints/latest is used)
+    images: Path  # a folder of images (recursive) or a dataset manifest (.yaml / .yml)
+    out: Path
+    batch_size: int = 2
+    short_side: int = 800
+    max_long_side: int = 1333
+    score_threshold: float = 0.5
+    max_detections: int = 100
+    overlays: bool = False
+    device: str = "auto"
+    num_workers: int = 0
+
+    HASH_EXCLUDE = frozenset({"out", "device", "num_workers", "overlays"})
+
+
+def images_dataset(path: Path) -> Dataset:
+    """A manifest file (.yaml / .yml) loaded as is, or every image file under a folder
+    (recursively, sorted by relative path; ids 1, 2, ... in that order)."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        return load_manifest(path)
+    if not path.is_dir():
+        raise InputError("give a folder of images or a manifest (.yaml) file", path)
+    names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not names:
+        raise InputError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder", path)
+    records = [ImageRecord(i + 1, name, path / name) for i, name in enumerate(names)]
+    return Dataset(name=path.name, manifest_path=path, root=path, images=records)
+
+
+def instance_colour(index: int) -> tuple[int, int, int]:
+    """A distinct, deterministic RGB colour for the ``index``-th instance (golden-ratio hues)."""
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_overlay(image: np.ndarray, results: list[dict]) -> np.ndarray:
+    """The RGB uint8 ``[H, W, 3]`` image with each result's mask blended in (alpha
+    ``OVERLAY_ALPHA``), outlined, and labelled ``category_id score`` at its box corner.
+
+    ``results``: COCO results dicts of this image (RLE of size [H, W]), best first; the best is
+    drawn last, i.e. on top.
+    """
+    canvas = image.copy()
+    for index in reversed(range(len(results))):
+        res = results[index]
+        mask = rle_to_mask(res["segmentation"])
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask size {mask.shape} != image size {image.shape[:2]}")
+        colour = np.array(instance_colour(index), dtype=np.float32)
+        canvas[mask] = (canvas[mask] * (1 - OVERLAY_ALPHA) + colour * OVERLAY_ALPHA).astype(
+            np.uint8)
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(canvas, contours, -1, tuple(int(c) for c in colour), 1)
+        x, y = int(res["bbox"][0]), int(res["bbox"][1])
+        cv2.putText(canvas, f"{res['category_id']} {res['score']:.2f}", (x, max(y - 2, 8)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.35, tuple(int(c) for c in colour), 1,
+                    cv2.LINE_AA)
+    return canvas
+
+
+def overlay_name(file_name: str) -> str:
+    """``a/b/c.jpg`` -> ``a__b__c.png`` (one flat folder, no clashes between sub-folders)."""
+    return Path(file_name).with_suffix(".png").as_posix().replace("/", "__")
+
+
+def write_overlays(dataset: Dataset, results: list[dict], out_dir: Path) -> int:
+    """One overlay PNG per image of ``dataset`` into ``out_dir``; returns how many."""
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for res in results:
+        by_image[res["image_id"]].append(res)
+    for record in dataset.images:
+        try:
+            image = read_image_rgb(record.path)
+        except ImageReadError as err:
+            raise InputError(f"image cannot be read: {err}", record.path) from None
+        canvas = draw_overlay(image, by_image.get(record.image_id, []))
+        ok, png = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise RuntimeError(f"PNG encoding failed for {record.path}")
+        write_bytes_atomic(out_dir / overlay_name(record.file_name), png.tobytes())
+    return len(dataset.images)
+
+
+def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
+    """Run the command; returns ``{"predictions": path, "images": path, "overlays": folder or
+    None, "num_images": int, "num_predictions": int}``."""
+    for name in ("batch_size", "max_detections", "short_side", "max_long_side"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+    started = now_iso()
+    t0 = time.perf_counter()
+    dataset = images_dataset(cfg.images)
+    device = resolve_device(cfg.device)
+    loaded = load_inference_model(cfg.checkpoint, device)
+    # the targets are not used: the dataset's own category map (if any) never fails
+    loader = eval_loader(dataset, cfg.batch_size,
+                         resize=eval_config(cfg.short_side, cfg.max_long_side),
+                         num_workers=cfg.num_workers, rank=0, world_size=1)
+    console.print(f"predict: {len(dataset.images)} images, checkpoint {loaded.checkpoint} "
+                  f"(step {loaded.step}), device {device}")
+    sizes: dict[int, tuple[int, int]] = {}
+    results = predict_results(
+        loaded.model, _record_sizes(loader.make_batches(0), sizes), loaded.category_ids,
+        device=device, max_detections=cfg.max_detections, score_threshold=cfg.score_threshold,
+        total=loader.batches_per_epoch(), progress=progress)
+    out = Path(cfg.out)
+    write_json_atomic(out / PREDICTIONS_FILE, results)
+    images = [{"id": r.image_id, "file_name": r.file_name, "height": sizes[r.image_id][0],
+               "width": sizes[r.image_id][1]} for r in dataset.images]
+    write_json_atomic(out / IMAGES_FILE, {
+        "images": images, "categories": [{"id": c} for c in loaded.category_ids],
+        "root": str(dataset.root.resolve()), "checkpoint": str(loaded.checkpoint.resolve())},
+        indent=2)
+    overlays = None
+    if cfg.overlays:
+        overlays = out / OVERLAY_DIR
+        write_overlays(dataset, results, overlays)
+    summary = {"predictions": out / PREDICTIONS_FILE, "images": out / IMAGES_FILE,
+               "overlays": overlays, "num_images": len(images),
+               "num_predictions": len(results)}
+    write_run_record(
+        out, stage="predict", config=cfg.resolved(), config_hash=cfg.config_hash(),
+        inputs={"checkpoint": str(loaded.checkpoint), "images": str(cfg.images)},
+        counts={"images": len(images), "predictions": len(results),
+                "seconds": round(time.perf_counter() - t0, 2)},
+        started_at=started,
+    )
+    console.print(f"predict: {len(results)} instances with score > {cfg.score_threshold} in "
+                  f"{len(images)} images -> {out / PREDICTIONS_FILE}"
+                  + (f", overlays in {overlays}" if overlays else ""))
+    return summary
+
+
+def _record_sizes(batches: Iterable[dict], sizes: dict[int, tuple[int, int]]
+                  ) -> Iterator[dict]:
+    """Pass ``batches`` through, noting each image's ``orig_sizes`` entry in ``sizes``."""
+    for batch in batches:
+        sizes.update(zip(batch["image_ids"], (tuple(s) for s in batch["orig_sizes"])))
+        yield batch
