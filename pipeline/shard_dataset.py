@@ -144,6 +144,16 @@ class ShardDataset:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    @property
+    def embedding_dim(self) -> int | None:
+        """Length of the ``clip_embedding`` column (None when there are no mask rows)."""
+        for shard in self.shards:
+            column = _read_table(shard.masks, ["clip_embedding"]).column("clip_embedding")
+            for chunk in column.chunks:
+                if len(chunk):
+                    return len(chunk[0])
+        return None
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_cache"] = OrderedDict()  # each process keeps its own

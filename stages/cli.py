@@ -59,13 +59,8 @@ def _root(
 # --------------------------------------------------------------------------- not built yet
 
 _PENDING = {
-    "stage pretrain": "issue #5",
-    "stage finetune": "issue #5",
-    "stage evaluate": "issue #5",
-    "predict": "issue #5",
     "inspect masks": "issue #3",
     "inspect overlay": "issue #3",
-    "inspect run": "issue #5",
 }
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -131,28 +126,122 @@ def stage_propose(
         raise typer.Exit(code)
 
 
-@stage_app.command("pretrain", context_settings=_PASS_THROUGH)
-def stage_pretrain(ctx: typer.Context) -> None:
+DeviceOpt = typer.Option(None, "--device", help="auto (default) | cpu | cuda.")
+ResumeOpt = typer.Option(None, "--resume", help="Continue from OUT/checkpoints/latest.")
+
+
+@stage_app.command("pretrain")
+@user_errors
+def stage_pretrain(
+    shards: Optional[Path] = typer.Option(None, "--shards", help="The propose stage's output folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (checkpoints/, metrics)."),
+    preset: Optional[str] = typer.Option(None, help="Model preset: tiny | small (default) | base."),
+    decoder: Optional[str] = typer.Option(None, help="knet (default) | mask2former."),
+    backbone_checkpoint: Optional[str] = typer.Option(None, help="Local ResNet weights (e.g. MoCo v2)."),
+    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone", help="Freeze the backbone."),
+    strategy: Optional[str] = typer.Option(None, help="Prompt-kernel matching: spread (default) | cosine | hungarian."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 10000)."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size (default 16)."),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate (default 1e-4)."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default 2)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data order and augmentation (default 0)."),
+    device: Optional[str] = DeviceOpt,
+    resume: Optional[bool] = ResumeOpt,
+    config: Optional[Path] = ConfigOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
     """Prompt-kernel matching + kernel supervision on the proposal shards."""
-    raise _not_built("stage pretrain")
+    from stages.pretrain import PretrainConfig, run_pretrain
+
+    cfg = load_config(PretrainConfig, config, {
+        "shards": shards, "out": out, "model.preset": preset, "model.decoder": decoder,
+        "model.backbone_checkpoint": backbone_checkpoint, "model.freeze_backbone": freeze_backbone,
+        "prompt.strategy": strategy, "train.max_steps": max_steps, "data.batch_size": batch_size,
+        "train.lr": lr, "data.num_workers": num_workers, "data.seed": seed, "device": device,
+        "resume": resume,
+    })
+    run_pretrain(cfg, progress=not no_progress)
 
 
-@stage_app.command("finetune", context_settings=_PASS_THROUGH)
-def stage_finetune(ctx: typer.Context) -> None:
+@stage_app.command("finetune")
+@user_errors
+def stage_finetune(
+    train_data: Optional[Path] = typer.Option(None, "--train", help="Labeled manifest to train on."),
+    val_data: Optional[Path] = typer.Option(None, "--val", help="Labeled manifest for validation."),
+    init: Optional[str] = typer.Option(
+        None, "--init", help="Pretrain run folder or checkpoint, or none (from scratch, default)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (checkpoints/, metrics)."),
+    preset: Optional[str] = typer.Option(None, help="Model preset: tiny | small (default) | base."),
+    decoder: Optional[str] = typer.Option(None, help="knet (default) | mask2former."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 2000)."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size (default 16)."),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate (default 1e-4)."),
+    eval_every: Optional[int] = typer.Option(None, help="Validate every N steps (default 200)."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default 2)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of data order and augmentation (default 0)."),
+    device: Optional[str] = DeviceOpt,
+    resume: Optional[bool] = ResumeOpt,
+    config: Optional[Path] = ConfigOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
     """Fine-tune on a small labeled COCO-format set (from a pre-trained checkpoint or scratch)."""
-    raise _not_built("stage finetune")
+    from stages.finetune import FinetuneConfig, run_finetune
+
+    cfg = load_config(FinetuneConfig, config, {
+        "train_data": train_data, "val_data": val_data, "init": init, "out": out,
+        "model.preset": preset, "model.decoder": decoder, "train.max_steps": max_steps,
+        "data.batch_size": batch_size, "train.lr": lr, "train.eval_every": eval_every,
+        "data.num_workers": num_workers, "data.seed": seed, "device": device, "resume": resume,
+    })
+    run_finetune(cfg, progress=not no_progress)
 
 
-@stage_app.command("evaluate", context_settings=_PASS_THROUGH)
-def stage_evaluate(ctx: typer.Context) -> None:
-    """COCO mask AP of a checkpoint on a labeled manifest."""
-    raise _not_built("stage evaluate")
+@stage_app.command("evaluate")
+@user_errors
+def stage_evaluate(
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Fine-tuned checkpoint file or run folder (its latest)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labeled manifest to score on."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (metrics.json, predictions.json)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch (default 2)."),
+    short_side: Optional[int] = typer.Option(None, help="Resize short side (default 800)."),
+    score_threshold: Optional[float] = typer.Option(None, help="Drop detections below (default 0)."),
+    max_detections: Optional[int] = typer.Option(None, help="Detections per image (default 100)."),
+    device: Optional[str] = DeviceOpt,
+    config: Optional[Path] = ConfigOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """COCO mask AP (and box AP) of a checkpoint on a labeled manifest."""
+    from stages.evaluate import EvaluateConfig, run_evaluate
+
+    cfg = load_config(EvaluateConfig, config, dict(
+        checkpoint=checkpoint, data=data, out=out, batch_size=batch_size, short_side=short_side,
+        score_threshold=score_threshold, max_detections=max_detections, device=device))
+    run_evaluate(cfg, progress=not no_progress)
 
 
-@app.command("predict", context_settings=_PASS_THROUGH)
-def predict(ctx: typer.Context) -> None:
-    """Inference on new images: COCO results JSON and overlays."""
-    raise _not_built("predict")
+@app.command("predict")
+@user_errors
+def predict(
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Fine-tuned checkpoint file or run folder (its latest)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of images or a manifest."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch (default 2)."),
+    short_side: Optional[int] = typer.Option(None, help="Resize short side (default 800)."),
+    score_threshold: Optional[float] = typer.Option(None, help="Keep detections from (default 0.5)."),
+    overlays: Optional[bool] = typer.Option(None, "--overlays", help="Also write overlay PNGs."),
+    device: Optional[str] = DeviceOpt,
+    config: Optional[Path] = ConfigOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Inference on new images: COCO results JSON and optional overlays."""
+    from stages.predict import PredictConfig, run_predict
+
+    cfg = load_config(PredictConfig, config, dict(
+        checkpoint=checkpoint, images=images, out=out, batch_size=batch_size,
+        short_side=short_side, score_threshold=score_threshold, overlays=overlays, device=device))
+    run_predict(cfg, progress=not no_progress)
 
 
 @inspect_app.command("masks", context_settings=_PASS_THROUGH)
@@ -167,10 +256,16 @@ def inspect_overlay(ctx: typer.Context) -> None:
     raise _not_built("inspect overlay")
 
 
-@inspect_app.command("run", context_settings=_PASS_THROUGH)
-def inspect_run(ctx: typer.Context) -> None:
-    """Plot a training run's loss and AP curves."""
-    raise _not_built("inspect run")
+@inspect_app.command("run")
+@user_errors
+def inspect_run(
+    run_dir: Path = typer.Argument(..., help="A pretrain or finetune run folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG path (default RUN/curves.png)."),
+) -> None:
+    """Plot a training run's loss and AP curves (from its metrics.jsonl) to a PNG."""
+    from stages.inspect_run import plot_run
+
+    typer.echo(f"wrote {plot_run(run_dir, out)}")
 
 
 # --------------------------------------------------------------------------- data

@@ -39,7 +39,10 @@ C = TypeVar("C", bound=StageConfig)
 
 
 def load_config(cls: type[C], config_file: Path | None, overrides: dict[str, Any]) -> C:
-    """Build ``cls`` from an optional YAML file, then apply the non-None ``overrides``."""
+    """Build ``cls`` from an optional YAML file, then apply the non-None ``overrides``.
+
+    An override key ``"train.max_steps"`` sets field ``max_steps`` of the nested section
+    ``train`` (keeping the section's other values from the file)."""
     values: dict[str, Any] = {}
     source = "command line"
     if config_file is not None:
@@ -55,8 +58,32 @@ def load_config(cls: type[C], config_file: Path | None, overrides: dict[str, Any
         if not isinstance(loaded, dict):
             raise InputError("a config file must be a YAML mapping of option: value", config_file)
         values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if value is not None:
+            _set_dotted(values, key, value)
+    _fill_section_defaults(cls, values)
     try:
         return cls.model_validate(values)
     except ValidationError as err:
         raise InputError(f"config: {first_validation_error(err)}", source) from None
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = values
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else dict(child)
+            node[part] = child
+        node = child
+    node[leaf] = value
+
+
+def _fill_section_defaults(cls: type[StageConfig], values: dict[str, Any]) -> None:
+    """A nested section given partly (``train: {lr: 1e-3}``) keeps the defaults of the fields
+    it does not name, instead of failing on them."""
+    for name, field in cls.model_fields.items():
+        default = field.default
+        if isinstance(default, BaseModel) and isinstance(values.get(name), dict):
+            values[name] = {**default.model_dump(), **values[name]}

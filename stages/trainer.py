@@ -44,6 +44,7 @@ from pipeline.errors import InputError
 from stages.run_logging import RunLogger
 from stages.train_checkpoint import (
     LATEST_FILE,
+    TRAINING_KEYS,
     LoopPosition,
     checkpoint_dir,
     checkpoint_name,
@@ -279,6 +280,9 @@ class _Run:
         self.model, self.loss_fn, self.make_batches = model, loss_fn, make_batches
         self.cfg, self.out_dir, self.evaluate, self.extra_state = cfg, out_dir, evaluate, extra_state
         self.info = distributed_info()
+        clash = sorted(set(extra_state) & set(TRAINING_KEYS))
+        if clash:  # checked up front, not at the first checkpoint
+            raise ValueError(f"extra_state uses reserved checkpoint key(s): {', '.join(clash)}")
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("train: the model has no trainable parameters")

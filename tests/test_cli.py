@@ -30,16 +30,7 @@ def test_version_and_help():
         assert command in result.output
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["stage", "pretrain"],
-        ["stage", "finetune"],
-        ["stage", "evaluate"],
-        ["predict"],
-        ["inspect", "masks", "dir"],
-    ],
-)
+@pytest.mark.parametrize("args", [["inspect", "masks", "dir"], ["inspect", "overlay", "dir"]])
 def test_unbuilt_commands_say_so_with_exit_code_2(args):
     result = runner.invoke(app, args)
     assert result.exit_code == 2

@@ -1,0 +1,149 @@
+"""`uplvp stage finetune`: train on a small labeled COCO set, from a pre-trained checkpoint or
+from scratch (``--init none``, otherwise identical settings), validating periodically.
+
+train manifest -> COCO loader -> QEIS model (class head for the dataset's categories;
+pre-trained weights loaded except the class head) -> SetCriterion -> trainer -> ``checkpoints/``
+(latest, resumable) + ``checkpoints/best.pt`` (best validation mask AP) + ``stage.json``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from pipeline.coco_dataset import category_ids as sorted_category_ids
+from pipeline.coco_dataset import eval_loader, finetune_loader
+from pipeline.errors import InputError
+from pipeline.evaluation import flat_metrics
+from pipeline.manifest import load_manifest
+from pipeline.run_record import now_iso, write_run_record
+from stages.config import StageConfig
+from stages.evaluate import evaluate_model
+from stages.train_checkpoint import latest_checkpoint, load_training_checkpoint
+from stages.trainer import TrainConfig, init_distributed, train
+from stages.training_setup import DataSection, ModelSection
+from uplvp_model.checkpoint import load_model_state, save_model_state
+from uplvp_model.criterion import SetCriterion
+from uplvp_model.model import QEISModel, build_model
+
+console = Console(stderr=True)
+
+BEST_NAME = "best.pt"
+PRIMARY_METRIC = "val/segm_AP"
+
+
+class FinetuneConfig(StageConfig):
+    train_data: Path  # labeled manifest (COCO annotations)
+    val_data: Path | None = None  # labeled manifest for periodic validation
+    init: str = "none"  # a pretrain run folder or checkpoint file, or "none" (from scratch)
+    out: Path
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainConfig = TrainConfig(max_steps=2000, warmup_steps=100, eval_every=200,
+                                     checkpoint_every=200)
+    no_object_weight: float = 0.1
+    device: str = "auto"
+    resume: bool = False
+
+    HASH_EXCLUDE = frozenset({"out", "device", "resume"})
+
+
+def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
+    started = now_iso()
+    train_set = load_manifest(cfg.train_data)
+    if not train_set.labeled:
+        raise InputError("the fine-tuning manifest has no annotations", cfg.train_data)
+    category_ids = sorted_category_ids(train_set.categories)
+    val_set = None
+    if cfg.val_data is not None:
+        val_set = load_manifest(cfg.val_data)
+        if not val_set.labeled:
+            raise InputError("the validation manifest has no annotations", cfg.val_data)
+        if sorted_category_ids(val_set.categories) != category_ids:
+            raise InputError("validation categories differ from the training categories",
+                             cfg.val_data)
+
+    info, device = init_distributed(cfg.device)
+    model_cfg = cfg.model.build_config(num_classes=len(category_ids))
+    model = build_model(model_cfg)
+    init_report = initialise_from(model, cfg.init)
+    model.to(device)
+    criterion = SetCriterion(no_object_weight=cfg.no_object_weight).to(device)
+    loader = finetune_loader(
+        train_set, cfg.data.batch_size, seed=cfg.data.seed, augment_config=cfg.data.augment(),
+        category_map=category_ids, num_workers=cfg.data.num_workers,
+    )
+
+    def loss_fn(module, batch, step):
+        return criterion(module(batch["images"]), batch["targets"])
+
+    best = {"value": -1.0, "step": None}
+
+    def validate(module: QEISModel, step: int) -> dict:
+        batches = eval_loader(val_set, cfg.data.batch_size, resize=cfg.data.eval_resize(),
+                              category_map=category_ids, rank=0, world_size=1)
+        metrics, _ = evaluate_model(module, batches.make_batches(0), val_set.coco,
+                                    category_ids, device=device)
+        flat = flat_metrics(metrics, "val/")
+        value = flat.get(PRIMARY_METRIC) or 0.0
+        if value > best["value"]:
+            best.update(value=value, step=step)
+            save_model_state(Path(cfg.out) / "checkpoints" / BEST_NAME, module,
+                             {"model_config": module.cfg.to_dict(), "category_ids": category_ids,
+                              "step": step, PRIMARY_METRIC: value})
+        return {k: v for k, v in flat.items() if isinstance(v, (int, float))}
+
+    console.print(
+        f"finetune: {len(loader.source)} training images, {len(category_ids)} categories, "
+        f"init {cfg.init}, model {cfg.model.preset}/{cfg.model.decoder}, device {device}"
+    )
+    train_cfg = cfg.train.model_copy(update={"progress": cfg.train.progress and progress})
+    result = train(
+        model, loss_fn, loader.make_batches, train_cfg, cfg.out, resume=cfg.resume,
+        evaluate=validate if val_set is not None else None,
+        extra_state={"stage": "finetune", "model_config": model_cfg.to_dict(),
+                     "category_ids": category_ids, "stage_config": cfg.resolved()},
+    )
+    summary = {
+        "step": result.step,
+        "checkpoint": str(result.checkpoint),
+        "best_step": best["step"],
+        PRIMARY_METRIC: best["value"] if best["step"] is not None else None,
+        "init": init_report,
+    }
+    if info.rank == 0:
+        write_run_record(
+            cfg.out, stage="finetune", config=cfg.resolved(), config_hash=cfg.config_hash(),
+            inputs={"train_data": str(cfg.train_data), "val_data": str(cfg.val_data),
+                    "init": cfg.init},
+            counts=summary, started_at=started,
+        )
+    return summary
+
+
+def initialise_from(model: QEISModel, init: str) -> dict:
+    """Load a pre-trained checkpoint's QEIS weights into ``model`` (class head skipped when the
+    class count differs); ``"none"`` keeps the random initialisation. Returns the load report."""
+    if init == "none":
+        return {"init": "none"}
+    path = Path(init)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise InputError("no checkpoints/latest in this pretrain run folder", path)
+        path = found
+    if not path.is_file():
+        raise InputError("--init: checkpoint not found (give a file, a run folder or none)", path)
+    payload = load_training_checkpoint(path)
+    state = payload["model"]
+    prefix = "model."  # a PromptedModel's QEIS weights; its prompt encoder is not needed here
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    report = load_model_state(model, state, skip_mismatched=True)
+    if report.missing:
+        raise InputError(
+            f"--init: checkpoint lacks {len(report.missing)} model tensors (first: "
+            f"{report.missing[0]}); was it trained with the same model preset?", path)
+    console.print(f"init from {path}: {report.summary().splitlines()[0]}")
+    return {"init": str(path), "loaded": len(report.loaded), "skipped": list(report.skipped)}
+

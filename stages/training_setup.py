@@ -1,0 +1,68 @@
+"""Config sections shared by `pretrain` and `finetune`: the model and the training data.
+
+Both stages build the same QEIS model from a preset plus overrides (``uplvp_model.config``), so
+a pre-trained checkpoint loads into the fine-tuning model with only the class head skipped.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.errors import InputError
+from pipeline.transforms import AugmentConfig, eval_config
+from uplvp_model.config import ModelConfig, model_config
+
+
+class ModelSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["tiny", "small", "base"] = "small"
+    decoder: Literal["knet", "mask2former"] = "knet"
+    backbone_checkpoint: str | None = None
+    freeze_backbone: bool = False
+    overrides: dict[str, Any] = {}  # any uplvp_model.config.ModelConfig field
+
+    def build_config(self, num_classes: int) -> ModelConfig:
+        try:
+            return model_config(
+                self.preset,
+                decoder=self.decoder,
+                backbone_checkpoint=self.backbone_checkpoint,
+                freeze_backbone=self.freeze_backbone,
+                num_classes=num_classes,
+                **self.overrides,
+            )
+        except (TypeError, ValueError) as err:
+            raise InputError(f"config: model: {err}") from None
+
+
+class DataSection(BaseModel):
+    """Batching and augmentation. ``batch_size`` is the global batch (summed over GPUs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = 16
+    short_side: tuple[int, int] = (640, 800)  # scale jitter range of the short side
+    max_long_side: int = 1333
+    flip_prob: float = 0.5
+    eval_short_side: int = 800
+    num_workers: int = 2
+    seed: int = 0
+
+    def augment(self) -> AugmentConfig:
+        try:
+            return AugmentConfig(tuple(self.short_side), self.max_long_side, self.flip_prob)
+        except ValueError as err:
+            raise InputError(f"config: data: {err}") from None
+
+    def eval_resize(self) -> AugmentConfig:
+        return eval_config(self.eval_short_side, self.max_long_side)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
