@@ -110,7 +110,7 @@ class ShardDataset:
         self.mask_filter = mask_filter
         self.grid_size = grid_size
         self.shards_per_window = shards_per_window
-        self.shards = _find_shards(self.shard_dir)
+        self.shards = find_shards(self.shard_dir)
         self._build_index()
         self._cache: OrderedDict[int, _LoadedShard] = OrderedDict()
 
@@ -272,7 +272,7 @@ def _read_table(path: Path, columns: list[str]) -> pa.Table:
         raise InputError(f"cannot read shard data ({err})", path) from None
 
 
-def _find_shards(shard_dir: Path) -> list[_ShardFiles]:
+def find_shards(shard_dir: Path) -> list[_ShardFiles]:
     """The folder's shards, validated: both files present, same run, same config hash."""
     image_files = sorted((shard_dir / "images").glob("shard-*.parquet"))
     if not image_files:

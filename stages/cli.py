@@ -56,74 +56,7 @@ def _root(
     """UPLVP pipeline: propose -> pretrain -> finetune -> evaluate."""
 
 
-# --------------------------------------------------------------------------- not built yet
-
-_PENDING = {
-    "inspect masks": "issue #3",
-    "inspect overlay": "issue #3",
-}
-_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def _not_built(command: str) -> typer.Exit:
-    return fail(f"`uplvp {command}` is not implemented yet ({_PENDING[command]})")
-
-
-@stage_app.command("propose")
-@user_errors
-def stage_propose(
-    images: Optional[Path] = typer.Option(None, "--images", help="Manifest of the unlabeled images."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (masks/, images/, stage.json)."),
-    proposer: Optional[str] = typer.Option(
-        None, "--proposer", help="classical (default, weight-free) | clip | freemask."
-    ),
-    clip_model: Optional[str] = typer.Option(None, help="open_clip model name (default ViT-B-16)."),
-    clip_checkpoint: Optional[str] = typer.Option(
-        None, help="Local CLIP weights: a file, 'local-dir:FOLDER', or a cached open_clip tag."
-    ),
-    backbone_checkpoint: Optional[str] = typer.Option(
-        None, help="Local ResNet-50 weights for the freemask proposer."
-    ),
-    vocabulary: Optional[Path] = typer.Option(
-        None, help="Class names, one per line (default: the 80 COCO names)."
-    ),
-    top_k: Optional[int] = typer.Option(None, help="Masks kept per image (default 20)."),
-    min_area: Optional[int] = typer.Option(None, help="Smallest mask kept, px (default 32)."),
-    shard_size: Optional[int] = typer.Option(None, help="Images per shard (default 64)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per model call (default 8)."),
-    max_side: Optional[int] = typer.Option(None, help="Downscale larger images (default 1024)."),
-    device: Optional[str] = typer.Option(None, help="auto (default) | cpu | cuda."),
-    num_workers: Optional[int] = typer.Option(
-        None, help="Ray actors (default 2); 0 runs in this process without Ray."
-    ),
-    ray_address: Optional[str] = typer.Option(
-        None, help="Join this Ray cluster (default $RAY_ADDRESS, else a local Ray)."
-    ),
-    shards: Optional[str] = typer.Option(None, help="Run only these shards, e.g. 0,3-5."),
-    shard_index: Optional[int] = typer.Option(None, help="Array task index I (with --num-shards)."),
-    num_shards: Optional[int] = typer.Option(None, help="Array task count N: run shards k = I mod N."),
-    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Redo completed shards."),
-    config: Optional[Path] = ConfigOpt,
-    no_progress: bool = NoProgressOpt,
-) -> None:
-    """Masks Proposal: pseudo instance masks + prompt ingredients as Parquet shards."""
-    from stages.propose import ProposeConfig, run_propose
-
-    cfg = load_config(
-        ProposeConfig,
-        config,
-        dict(
-            images=images, out=out, proposer=proposer, clip_model=clip_model,
-            clip_checkpoint=clip_checkpoint, backbone_checkpoint=backbone_checkpoint,
-            vocabulary=vocabulary, top_k=top_k, min_area=min_area, shard_size=shard_size,
-            batch_size=batch_size, max_side=max_side, device=device, num_workers=num_workers,
-            ray_address=ray_address, shards=shards, shard_index=shard_index,
-            num_shards=num_shards, overwrite=overwrite,
-        ),
-    )
-    code = run_propose(cfg, progress=not no_progress)
-    if code:
-        raise typer.Exit(code)
+# --------------------------------------------------------------------------- stages
 
 
 DeviceOpt = typer.Option(None, "--device", help="auto (default) | cpu | cuda.")
@@ -244,16 +177,33 @@ def predict(
     run_predict(cfg, progress=not no_progress)
 
 
-@inspect_app.command("masks", context_settings=_PASS_THROUGH)
-def inspect_masks(ctx: typer.Context) -> None:
-    """Counts per label, score/area histograms, images without masks."""
-    raise _not_built("inspect masks")
+@inspect_app.command("masks")
+@user_errors
+def inspect_masks(
+    shard_dir: Path = typer.Argument(..., help="A propose output folder."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON."),
+) -> None:
+    """Counts per label, score/area histograms, images without masks or unreadable."""
+    from stages.inspect_masks import run_inspect_masks
+
+    run_inspect_masks(shard_dir, json_out)
 
 
-@inspect_app.command("overlay", context_settings=_PASS_THROUGH)
-def inspect_overlay(ctx: typer.Context) -> None:
-    """Draw one image's pseudo masks on it."""
-    raise _not_built("inspect overlay")
+@inspect_app.command("overlay")
+@user_errors
+def inspect_overlay(
+    shard_dir: Path = typer.Argument(..., help="A propose output folder."),
+    image_id: int = typer.Option(..., "--image-id", help="The image's id (see images/ shards)."),
+    out: Path = typer.Option(..., "--out", help="PNG to write."),
+    min_score: float = typer.Option(0.0, help="Draw masks scoring at least this."),
+    max_masks: int = typer.Option(20, help="Draw at most this many (best first)."),
+) -> None:
+    """Draw one image's pseudo masks (fill, contour, box, label and score) on it."""
+    from stages.inspect_masks import draw_overlay
+
+    result = draw_overlay(shard_dir, image_id, out, min_score=min_score, max_masks=max_masks)
+    typer.echo(f"wrote {result.path}: {result.masks_drawn} of {result.masks_total} masks of "
+               f"image {result.image_id} ({result.image_path})")
 
 
 @inspect_app.command("run")

@@ -42,6 +42,7 @@ class FinetuneConfig(StageConfig):
     train: TrainConfig = TrainConfig(max_steps=2000, warmup_steps=100, eval_every=200,
                                      checkpoint_every=200)
     no_object_weight: float = 0.1
+    num_points: int | None = 12544  # point-sampled mask losses; None: full masks (small images)
     device: str = "auto"
     resume: bool = False
 
@@ -68,7 +69,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     model = build_model(model_cfg)
     init_report = initialise_from(model, cfg.init)
     model.to(device)
-    criterion = SetCriterion(no_object_weight=cfg.no_object_weight).to(device)
+    criterion = SetCriterion(no_object_weight=cfg.no_object_weight,
+                             num_points=cfg.num_points).to(device)
     loader = finetune_loader(
         train_set, cfg.data.batch_size, seed=cfg.data.seed, augment_config=cfg.data.augment(),
         category_map=category_ids, num_workers=cfg.data.num_workers,

@@ -30,11 +30,21 @@ def test_version_and_help():
         assert command in result.output
 
 
-@pytest.mark.parametrize("args", [["inspect", "masks", "dir"], ["inspect", "overlay", "dir"]])
-def test_unbuilt_commands_say_so_with_exit_code_2(args):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "masks", "nowhere"], "nowhere"),
+        (["inspect", "overlay", "nowhere", "--image-id", "1", "--out", "x.png"], "nowhere"),
+        (["stage", "evaluate", "--checkpoint", "nope.pt", "--data", "x.yaml", "--out", "o"], "x.yaml: manifest file not found"),
+        (["stage", "pretrain", "--shards", "nowhere", "--out", "o"], "nowhere"),
+    ],
+)
+def test_stage_commands_on_missing_inputs_are_one_line_errors(args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, args)
-    assert result.exit_code == 2
-    assert "not implemented yet" in result.output
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and message in " ".join(result.output.split())
 
 
 def test_bad_manifest_is_one_line_exit_2_no_traceback(tmp_path):
