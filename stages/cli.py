@@ -365,13 +365,21 @@ def data_check(manifest: Path = typer.Argument(..., help="Manifest YAML to valid
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default demo_run)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default 0)."),
+    pretrain_steps: Optional[int] = typer.Option(None, help="Pre-training steps (default 1000)."),
+    finetune_steps: Optional[int] = typer.Option(
+        None, help="Fine-tuning steps of each arm (default 600)."),
+    propose_workers: Optional[int] = typer.Option(
+        None, help="Ray actors for propose (default 2; 0: no Ray)."),
     config: Optional[Path] = ConfigOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
-    """The whole pipeline on embedded synthetic data (runs every stage that exists)."""
+    """The whole pipeline on embedded synthetic data: synth -> propose -> pretrain -> finetune
+    from the pre-trained kernels and from scratch (same budget) -> evaluate -> comparison."""
     from stages.demo import DemoConfig, run_demo
 
-    cfg = load_config(DemoConfig, config, dict(out=out, seed=seed))
+    cfg = load_config(DemoConfig, config, dict(
+        out=out, seed=seed, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,
+        propose_workers=propose_workers))
     run_demo(cfg, progress=not no_progress)
 
 

@@ -36,7 +36,7 @@ class DemoConfig(SynthConfig):
 
     out: Path = Path("demo_run")
     propose_workers: int = 2
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 1000
     finetune_steps: int = 600
     eval_every: int = 50
     batch_size: int = 8
