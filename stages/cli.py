@@ -59,6 +59,63 @@ def _root(
 # --------------------------------------------------------------------------- stages
 
 
+@stage_app.command("propose")
+@user_errors
+def stage_propose(
+    images: Optional[Path] = typer.Option(None, "--images", help="Manifest of the unlabeled images."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (masks/, images/, stage.json)."),
+    proposer: Optional[str] = typer.Option(
+        None, "--proposer", help="classical (default, weight-free) | clip | freemask."
+    ),
+    clip_model: Optional[str] = typer.Option(None, help="open_clip model name (default ViT-B-16)."),
+    clip_checkpoint: Optional[str] = typer.Option(
+        None, help="Local CLIP weights: a file, 'local-dir:FOLDER', or a cached open_clip tag."
+    ),
+    backbone_checkpoint: Optional[str] = typer.Option(
+        None, help="Local ResNet-50 weights for the freemask proposer."
+    ),
+    vocabulary: Optional[Path] = typer.Option(
+        None, help="Class names, one per line (default: the 80 COCO names)."
+    ),
+    top_k: Optional[int] = typer.Option(None, help="Masks kept per image (default 20)."),
+    min_area: Optional[int] = typer.Option(None, help="Smallest mask kept, px (default 32)."),
+    shard_size: Optional[int] = typer.Option(None, help="Images per shard (default 64)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per model call (default 8)."),
+    max_side: Optional[int] = typer.Option(None, help="Downscale larger images (default 1024)."),
+    device: Optional[str] = typer.Option(None, help="auto (default) | cpu | cuda."),
+    num_workers: Optional[int] = typer.Option(
+        None, help="Ray actors (default 2); 0 runs in this process without Ray."
+    ),
+    ray_address: Optional[str] = typer.Option(
+        None, help="Join this Ray cluster (default $RAY_ADDRESS, else a local Ray)."
+    ),
+    shards: Optional[str] = typer.Option(None, help="Run only these shards, e.g. 0,3-5."),
+    shard_index: Optional[int] = typer.Option(None, help="Array task index I (with --num-shards)."),
+    num_shards: Optional[int] = typer.Option(None, help="Array task count N: run shards k = I mod N."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Redo completed shards."),
+    config: Optional[Path] = ConfigOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Masks Proposal: pseudo instance masks + prompt ingredients as Parquet shards."""
+    from stages.propose import ProposeConfig, run_propose
+
+    cfg = load_config(
+        ProposeConfig,
+        config,
+        dict(
+            images=images, out=out, proposer=proposer, clip_model=clip_model,
+            clip_checkpoint=clip_checkpoint, backbone_checkpoint=backbone_checkpoint,
+            vocabulary=vocabulary, top_k=top_k, min_area=min_area, shard_size=shard_size,
+            batch_size=batch_size, max_side=max_side, device=device, num_workers=num_workers,
+            ray_address=ray_address, shards=shards, shard_index=shard_index,
+            num_shards=num_shards, overwrite=overwrite,
+        ),
+    )
+    code = run_propose(cfg, progress=not no_progress)
+    if code:
+        raise typer.Exit(code)
+
+
 DeviceOpt = typer.Option(None, "--device", help="auto (default) | cpu | cuda.")
 ResumeOpt = typer.Option(None, "--resume", help="Continue from OUT/checkpoints/latest.")
 

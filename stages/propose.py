@@ -32,6 +32,7 @@ from stages.config import StageConfig
 console = Console(stderr=True)
 
 EXIT_SHARDS_FAILED = 1
+TEXT_CACHE_FILE = "text_embeddings.pt"
 
 
 class ProposeConfig(StageConfig):
@@ -70,6 +71,9 @@ def proposer_options(cfg: ProposeConfig) -> dict[str, Any]:
     if cfg.proposer == "clip":
         options.update(model_name=cfg.clip_model, checkpoint=cfg.clip_checkpoint)
         options["device"] = resolve_device(cfg.device)
+        # text embeddings are computed once per (model, vocabulary) and reused by every actor
+        # and every rerun; the file carries its key, so a stale one is recomputed
+        options["text_cache_file"] = str(Path(cfg.out) / TEXT_CACHE_FILE)
         if cfg.vocabulary is not None:
             options["vocabulary"] = read_vocabulary(cfg.vocabulary)
     elif cfg.proposer == "freemask":
@@ -119,6 +123,21 @@ def image_list_hash(images: list[tuple[int, str]]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def worker_kwargs(cfg: ProposeConfig, images: list[tuple[int, str]], run_hash: str) -> dict:
+    """Keyword arguments of :class:`stages.propose_worker.ProposeShardWorker` for this run."""
+    return dict(
+        images=images,
+        out_dir=str(cfg.out),
+        config_hash=run_hash,
+        proposer=cfg.proposer,
+        proposer_options=proposer_options(cfg),
+        shard_size=cfg.shard_size,
+        batch_size=cfg.batch_size,
+        max_side=cfg.max_side,
+        grid_size=cfg.grid_size,
+    )
+
+
 def run_propose(cfg: ProposeConfig, progress: bool = True) -> int:
     """Run the stage; returns the process exit code (0 ok, 1 some shards failed)."""
     started = now_iso()
@@ -150,19 +169,9 @@ def run_propose(cfg: ProposeConfig, progress: bool = True) -> int:
     if cfg.proposer == "classical":
         console.print("proposer 'classical': weight-free OpenCV segmentation (no CLIP model)")
 
-    worker_kwargs = dict(
-        images=images,
-        out_dir=str(cfg.out),
-        config_hash=run_hash,
-        proposer=cfg.proposer,
-        proposer_options=proposer_options(cfg),
-        shard_size=cfg.shard_size,
-        batch_size=cfg.batch_size,
-        max_side=cfg.max_side,
-        grid_size=cfg.grid_size,
-    )
+    kwargs = worker_kwargs(cfg, images, run_hash)
     executor = ExecutorConfig(num_workers=cfg.num_workers, ray_address=cfg.ray_address)
-    summaries = _run_with_progress(todo, shards, worker_kwargs, executor, progress)
+    summaries = _run_with_progress(todo, shards, kwargs, executor, progress)
 
     failed = [s for s in summaries if s["status"] != "ok"]
     setup_errors = {s["setup_error"] for s in failed if "setup_error" in s}
@@ -182,6 +191,8 @@ def run_propose(cfg: ProposeConfig, progress: bool = True) -> int:
         "shards_failed": [s["shard"] for s in failed],
         "images_per_second": round(ran_images / elapsed, 2) if elapsed > 0 else None,
         "seconds": round(elapsed, 2),
+        "worker_seconds": round(sum(s.get("seconds", 0.0) for s in summaries), 2),
+        "proposer_seconds": round(sum(s.get("model_seconds", 0.0) for s in summaries), 2),
         **totals,
     }
     write_run_record(

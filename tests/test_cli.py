@@ -21,6 +21,24 @@ def uplvp(*args, cwd=None):
     )
 
 
+@pytest.mark.parametrize(
+    "group, commands",
+    [
+        ([], ["stage", "data", "inspect", "predict", "demo"]),
+        (["stage"], ["propose", "pretrain", "finetune", "evaluate"]),
+        (["data"], ["synth", "split", "convert", "check"]),
+        (["data", "convert"], ["cityscapes", "ctw1500"]),
+        (["inspect"], ["masks", "overlay", "run"]),
+    ],
+)
+def test_every_command_is_registered(group, commands):
+    result = runner.invoke(app, [*group, "--help"])
+    assert result.exit_code == 0
+    listed = {line.split()[1] for line in result.output.splitlines()
+              if line.startswith("│ ") and len(line.split()) > 2}
+    assert set(commands) <= listed, listed
+
+
 def test_version_and_help():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.startswith("uplvp 0.")

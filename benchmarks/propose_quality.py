@@ -1,0 +1,305 @@
+"""Pseudo-mask quality of the ``classical`` proposer against ground truth, on labeled data.
+
+Runs the real stage (``stages.propose.run_propose``, in this process) on the labeled splits'
+manifests (the unlabeled pool has no labels to compare with), then matches every pseudo mask to
+the ground-truth instances of its image by mask IoU (``pycocotools.mask.iou`` on RLEs):
+
+    .venv/bin/python benchmarks/propose_quality.py                   # demo data, val + train
+    .venv/bin/python benchmarks/propose_quality.py --data demo_run/data --splits val
+
+Without ``--data`` it writes the demo's synthetic data (``uplvp demo`` defaults: seed 0, 60
+train and 60 val images at base size 128) into a temporary folder; the unlabeled pool is not
+written because the labeled splits' files do not depend on it (every image is seeded by
+``(seed, split, index)``). With ``--data DIR`` it reads ``DIR/{split}.yaml``.
+
+Definitions (a pseudo mask and a ground-truth instance *match* when their mask IoU >= ``--iou``):
+  recall     share of ground-truth instances (``iscrowd`` 0) matched by some pseudo mask;
+  precision  share of pseudo masks that match some ground-truth instance;
+  all        every pseudo mask in the shards (the proposer keeps at most ``top_k`` = 20);
+  filtered   the masks pre-training uses: ``pipeline.shard_dataset.MaskFilter()`` (score >= 0.5,
+             area >= 32 px, best 20 per image).
+Size buckets use COCO's absolute area thresholds (small < 32^2, medium < 96^2, large >= 96^2
+pixels of the ground-truth ``area``), unscaled, so on ~128 px images "large" is rare.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pycocotools import mask as mask_utils
+
+from pipeline.coco import annotation_to_mask
+from pipeline.manifest import load_manifest
+from pipeline.shard_dataset import MaskFilter, kept_rows
+from pipeline.synth import write_synth_dataset
+from stages.propose import ProposeConfig, run_propose
+
+SIZE_BUCKETS: tuple[tuple[str, float, float], ...] = (
+    ("small", 0.0, 32.0**2),
+    ("medium", 32.0**2, 96.0**2),
+    ("large", 96.0**2, float("inf")),
+)
+SCORE_THRESHOLDS: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5, 0.7)
+
+
+@dataclass
+class MatchTable:
+    """Pseudo masks (P rows) and ground-truth instances (G rows) of a set of images, matched.
+
+    pred_image int64 [P], pred_score float32 [P], pred_area int64 [P] (pixels),
+    pred_mask_index int32 [P]: the shard columns of each pseudo mask;
+    pred_matched bool [P]: IoU >= the threshold with some ground-truth instance of its image.
+    gt_category int64 [G] (COCO category id), gt_area float64 [G] (the annotation's ``area``);
+    gt_matches: per instance, int64 row numbers (into the pred arrays) of the pseudo masks
+    with IoU >= the threshold.
+    """
+
+    num_images: int
+    pred_image: np.ndarray
+    pred_score: np.ndarray
+    pred_area: np.ndarray
+    pred_mask_index: np.ndarray
+    pred_matched: np.ndarray
+    gt_category: np.ndarray
+    gt_area: np.ndarray
+    gt_matches: list[np.ndarray]
+
+
+def ground_truth_rles(coco: dict) -> dict[int, list[tuple[int, float, dict]]]:
+    """Non-crowd instances per image id: ``[(category_id, area, compressed RLE)]``."""
+    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
+    instances: dict[int, list[tuple[int, float, dict]]] = {i: [] for i in sizes}
+    for ann in coco["annotations"]:
+        if ann.get("iscrowd", 0):
+            continue
+        height, width = sizes[ann["image_id"]]
+        mask = annotation_to_mask(ann, height, width)
+        rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+        instances[ann["image_id"]].append((ann["category_id"], float(ann["area"]), rle))
+    return instances
+
+
+def match_masks(
+    masks: pd.DataFrame,
+    gt: dict[int, list[tuple[int, float, dict]]],
+    image_sizes: dict[int, tuple[int, int]],
+    iou_threshold: float = 0.5,
+) -> MatchTable:
+    """Match the pseudo masks of ``masks`` (rows of a ``masks/`` shard folder) to ``gt``.
+
+    ``image_sizes``: (height, width) of every ground-truth image; a pseudo mask proposed at
+    another size (a ``max_side`` downscale) cannot be compared and raises ``ValueError``.
+    """
+    masks = masks.sort_values(["image_id", "mask_index"], kind="stable").reset_index(drop=True)
+    pred_matched = np.zeros(len(masks), dtype=bool)
+    gt_category: list[int] = []
+    gt_area: list[float] = []
+    gt_matches: list[np.ndarray] = []
+    rows_by_image = masks.groupby("image_id").indices
+    for image_id, instances in gt.items():
+        rows = np.asarray(rows_by_image.get(image_id, []), dtype=np.int64)
+        preds = [
+            {"size": [int(masks.at[r, "height"]), int(masks.at[r, "width"])],
+             "counts": masks.at[r, "rle_counts"]}
+            for r in rows
+        ]
+        for pred in preds:
+            if tuple(pred["size"]) != image_sizes[image_id]:
+                raise ValueError(
+                    f"image {image_id}: pseudo masks are {pred['size']} but the annotations are "
+                    f"{list(image_sizes[image_id])}; rerun propose with a larger max_side"
+                )
+        if preds and instances:
+            iou = np.asarray(
+                mask_utils.iou(preds, [rle for _, _, rle in instances], [0] * len(instances))
+            ).reshape(len(preds), len(instances))
+        else:
+            iou = np.zeros((len(preds), len(instances)))
+        hits = iou >= iou_threshold  # [p, g]
+        pred_matched[rows] = hits.any(axis=1)
+        for g, (category_id, area, _) in enumerate(instances):
+            gt_category.append(category_id)
+            gt_area.append(area)
+            gt_matches.append(rows[hits[:, g]])
+    return MatchTable(
+        num_images=len(gt),
+        pred_image=masks["image_id"].to_numpy(np.int64),
+        pred_score=masks["score"].to_numpy(np.float32),
+        pred_area=masks["area"].to_numpy(np.int64),
+        pred_mask_index=masks["mask_index"].to_numpy(np.int32),
+        pred_matched=pred_matched,
+        gt_category=np.asarray(gt_category, dtype=np.int64),
+        gt_area=np.asarray(gt_area, dtype=np.float64),
+        gt_matches=gt_matches,
+    )
+
+
+def filter_keep(table: MatchTable, mask_filter: MaskFilter) -> np.ndarray:
+    """bool [P]: the pseudo masks ``mask_filter`` keeps (exactly as pre-training selects)."""
+    keep = np.zeros(len(table.pred_image), dtype=bool)
+    rows = kept_rows(table.pred_image, table.pred_score, table.pred_area,
+                     table.pred_mask_index, mask_filter)
+    for kept in rows.values():
+        keep[kept] = True
+    return keep
+
+
+def recall(table: MatchTable, keep: np.ndarray, instances: np.ndarray | None = None) -> float:
+    """Share of ground-truth instances (those selected by bool [G] ``instances``; default all)
+    matched by a kept pseudo mask (``keep``: bool [P]); NaN when no instance is selected."""
+    found = np.array([keep[m].any() for m in table.gt_matches], dtype=bool)
+    if instances is not None:
+        found = found[instances]
+    return float(found.mean()) if len(found) else float("nan")
+
+
+def precision(table: MatchTable, keep: np.ndarray) -> float:
+    """Share of kept pseudo masks (bool [P] ``keep``) matching some instance; NaN if none kept."""
+    return float(table.pred_matched[keep].mean()) if keep.any() else float("nan")
+
+
+def masks_per_image(table: MatchTable, keep: np.ndarray) -> float:
+    return float(keep.sum()) / table.num_images if table.num_images else float("nan")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        first = str(cells[0]).ljust(widths[0])
+        rest = [str(c).rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join([first, *rest])
+
+    out = [line(headers), "-" * len(line(headers))]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def _pct(x: float) -> str:
+    return "-" if np.isnan(x) else f"{100 * x:.1f}"
+
+
+def propose_split(manifest: Path, out_dir: Path) -> tuple[pd.DataFrame, dict, float]:
+    """Run the classical proposer through the stage on ``manifest``; returns the masks table,
+    the COCO dict and the stage's seconds."""
+    start = time.perf_counter()
+    code = run_propose(
+        ProposeConfig(images=manifest, out=out_dir, proposer="classical", num_workers=0,
+                      overwrite=True),
+        progress=False,
+    )
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"propose failed on {manifest} (exit code {code})")
+    images = pd.read_parquet(out_dir / "images")
+    if (images["status"] != "ok").any():
+        bad = images.loc[images["status"] != "ok", "image_path"].tolist()
+        raise SystemExit(f"propose could not read {len(bad)} image(s), e.g. {bad[0]}")
+    dataset = load_manifest(manifest)
+    return pd.read_parquet(out_dir / "masks"), dataset.coco, seconds
+
+
+def evaluate_split(manifest: Path, out_dir: Path, iou: float) -> tuple[MatchTable, dict, float]:
+    masks, coco, seconds = propose_split(manifest, out_dir)
+    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
+    return match_masks(masks, ground_truth_rles(coco), sizes, iou), coco, seconds
+
+
+def print_report(results: dict[str, MatchTable], categories: list[dict], iou: float) -> None:
+    keeps = {s: (np.ones(len(t.pred_image), bool), filter_keep(t, MaskFilter()))
+             for s, t in results.items()}
+    print(f"\nOverall (match: mask IoU >= {iou}; all = every mask in the shards, filtered = "
+          "pre-training MaskFilter: score >= 0.5, area >= 32, best 20)")
+    rows = []
+    for split, table in results.items():
+        row = [split, str(table.num_images), str(len(table.gt_matches))]
+        for keep in keeps[split]:
+            row += [f"{masks_per_image(table, keep):.2f}", _pct(recall(table, keep)),
+                    _pct(precision(table, keep))]
+        rows.append(row)
+    print(format_table(["split", "images", "GT", "masks/img", "recall %", "prec %",
+                        "filt masks/img", "filt recall %", "filt prec %"], rows))
+
+    split_headers = [f"{s} {h}" for s in results for h in ("GT", "recall %", "filt recall %")]
+
+    def breakdown(title: str, groups: list[tuple[str, dict[str, np.ndarray]]]) -> None:
+        print(f"\n{title}")
+        rows = []
+        for name, selected in groups:
+            row = [name]
+            for split, table in results.items():
+                sel = selected[split]
+                row += [str(int(sel.sum())), _pct(recall(table, keeps[split][0], sel)),
+                        _pct(recall(table, keeps[split][1], sel))]
+            rows.append(row)
+        print(format_table(["", *split_headers], rows))
+
+    breakdown("Recall per category", [
+        (c["name"], {s: t.gt_category == c["id"] for s, t in results.items()})
+        for c in categories
+    ])
+    breakdown("Recall per size (COCO area thresholds 32^2 / 96^2 px, not scaled to the images)", [
+        (name, {s: (t.gt_area >= lo) & (t.gt_area < hi) for s, t in results.items()})
+        for name, lo, hi in SIZE_BUCKETS
+    ])
+
+    print("\nPrecision / recall over score thresholds (score >= t, no area filter)")
+    rows = []
+    for t in SCORE_THRESHOLDS:
+        row = [f"{t:.1f}"]
+        for split, table in results.items():
+            keep = table.pred_score >= t
+            row += [f"{masks_per_image(table, keep):.2f}", _pct(precision(table, keep)),
+                    _pct(recall(table, keep))]
+        rows.append(row)
+    print(format_table(
+        ["score >=", *[f"{s} {h}" for s in results for h in ("masks/img", "prec %", "recall %")]],
+        rows,
+    ))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None,
+                        help="folder with {split}.yaml manifests (default: write the demo data)")
+    parser.add_argument("--splits", nargs="+", default=["val", "train"])
+    parser.add_argument("--seed", type=int, default=0, help="synthetic data seed (no --data)")
+    parser.add_argument("--num-images", type=int, default=60,
+                        help="images per labeled split when generating (no --data)")
+    parser.add_argument("--image-size", type=int, default=128, help="synthetic base size")
+    parser.add_argument("--iou", type=float, default=0.5, help="mask IoU of a match")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="uplvp-propose-quality-") as tmp:
+        data = args.data
+        if data is None:
+            data = Path(tmp) / "data"
+            start = time.perf_counter()
+            write_synth_dataset(data, seed=args.seed, num_unlabeled=0, num_train=args.num_images,
+                                num_val=args.num_images, image_size=args.image_size,
+                                progress=False)
+            print(f"synthetic data: seed {args.seed}, {args.num_images} train + "
+                  f"{args.num_images} val images at base size {args.image_size} "
+                  f"({time.perf_counter() - start:.1f} s)")
+        results: dict[str, MatchTable] = {}
+        categories: list[dict] = []
+        for split in args.splits:
+            manifest = data / f"{split}.yaml"
+            table, coco, seconds = evaluate_split(manifest, Path(tmp) / f"propose-{split}",
+                                                  args.iou)
+            results[split] = table
+            categories = categories or coco["categories"]
+            print(f"propose (classical, stage, 1 process) on {split}: {table.num_images} images "
+                  f"in {seconds:.1f} s ({table.num_images / seconds:.1f} images/s)")
+        print_report(results, categories, args.iou)
+
+
+if __name__ == "__main__":
+    main()
