@@ -34,6 +34,7 @@ The numbers depend on the machine and on other load: take them on a quiet machin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import ray
 import torch
 
@@ -178,14 +180,16 @@ def vit_forward_seconds(proposer, paths: list[str], input_size: int, batch_size:
 
 
 def print_table(results: list[Measurement]) -> None:
-    loop_rate = {r.proposer: r.images_per_s for r in results if r.mode == "loop"}
+    rate = {(r.proposer, r.mode): r.images_per_s for r in results}
     headers = ["proposer", "mode", "workers", "images", "setup s", "seconds", "images/s",
-               "ray/loop", "propose %", "rows %", "idle %"]
+               "ray/loop", "ray/loop-1t", "propose %", "rows %", "idle %"]
     rows = []
     for r in results:
-        ratio = "" if r.mode == "loop" else f"{r.images_per_s / loop_rate[r.proposer]:.2f}x"
+        ratios = ["", ""]
+        if r.mode == "ray":
+            ratios = [f"{r.images_per_s / rate[(r.proposer, m)]:.2f}x" for m in ("loop", "loop-1t")]
         rows.append([r.proposer, r.mode, str(r.workers), str(r.images), f"{r.setup_s:.1f}",
-                     f"{r.seconds:.2f}", f"{r.images_per_s:.1f}", ratio,
+                     f"{r.seconds:.2f}", f"{r.images_per_s:.1f}", *ratios,
                      f"{100 * r.share('propose'):.0f}", f"{100 * r.share('rows'):.0f}",
                      f"{100 * r.share('idle'):.0f}"])
     widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
@@ -259,6 +263,16 @@ def main() -> None:
                                               args.input_size, args.batch_size, cfg.max_side)
                 loop_s_per_image = loop.seconds / loop.images
             del worker
+            # the same loop restricted to one thread (torch and OpenCV): the process-level
+            # scaling baseline, since the default loop already spreads over the cores
+            threads = torch.get_num_threads(), cv2.getNumThreads()
+            torch.set_num_threads(1)
+            cv2.setNumThreads(1)
+            one, _ = measure_loop(label, kwargs["loop"], shards)
+            torch.set_num_threads(threads[0])
+            cv2.setNumThreads(threads[1])
+            results.append(dataclasses.replace(one, mode="loop-1t"))
+            print(f"{label}: 1-thread loop done ({one.images_per_s:.1f} images/s)", flush=True)
             results.append(measure_ray(label, kwargs["ray"], kwargs["warmup"], shards,
                                        args.workers))
             print(f"{label}: ray done ({results[-1].images_per_s:.1f} images/s)", flush=True)

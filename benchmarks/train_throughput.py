@@ -1,4 +1,5 @@
-"""Training-data throughput: images/s that ``make_batches`` delivers from proposal shards.
+"""Training-data throughput: images/s that ``make_batches`` delivers from proposal shards,
+against what the model consumes, and the share of step time the trainer waits for data.
 
 Writes synthetic shards (random images, ellipse pseudo masks, random embeddings) into a
 temporary folder, then times full epochs of the pre-training loader for each worker count:
@@ -9,8 +10,12 @@ temporary folder, then times full epochs of the pre-training loader for each wor
 The time covers shard reading, RLE decoding, image decoding, augmentation (scale jitter around
 ``--size``, flip) and collation into the batch dict; it starts before the first batch is asked
 for, so worker start-up is included. The fastest of ``--repeats`` epochs is reported (the
-least disturbed by other load). The functions are meant to be reused for model-consumption
-numbers (``measure_loader`` takes any batch iterator factory).
+least disturbed by other load).
+
+Then it runs the real pre-training stage (``stages.pretrain.run_pretrain``) on the same shards
+for ``--steps`` steps per ``--presets`` model and reads its ``metrics.jsonl``: model consumption
+= batch size / (step time without data wait), and the trainer's measured data-wait share of
+step time. Goals: data wait < 5 % of step time; decode throughput >= 10x model consumption.
 """
 from __future__ import annotations
 
@@ -115,6 +120,33 @@ def decode_throughput(
     return measure_loader(f"shards, {num_workers} workers", loader.make_batches, repeats)
 
 
+def model_consumption(shard_dir: Path, out_dir: Path, *, preset: str, size: int,
+                      batch_size: int, num_workers: int, steps: int) -> dict:
+    """Train ``steps`` pre-training steps and return the median step time, the data-wait share
+    and the images/s the model consumes (excluding data wait), from the run's metrics."""
+    import json
+
+    from stages.pretrain import PretrainConfig, run_pretrain
+    from stages.trainer import TrainConfig
+    from stages.training_setup import DataSection, ModelSection
+
+    cfg = PretrainConfig(
+        shards=shard_dir, out=out_dir, model=ModelSection(preset=preset),
+        data=DataSection(batch_size=batch_size, short_side=(int(0.8 * size), int(1.2 * size)),
+                         max_long_side=2 * size, num_workers=num_workers),
+        train=TrainConfig(max_steps=steps, warmup_steps=1, log_every=1, checkpoint_every=steps,
+                          progress=False, tensorboard=False),
+        device="cpu",
+    )
+    run_pretrain(cfg, progress=False)
+    lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r.get("kind") == "train"][2:]  # drop warm-up steps
+    step_s = float(np.median([r["step_seconds"] for r in train]))
+    wait = float(np.median([r["data_wait_share"] for r in train]))
+    return {"step_s": step_s, "data_wait_share": wait,
+            "images_per_s": batch_size / (step_s * (1 - wait))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
@@ -123,6 +155,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--presets", nargs="*", default=["tiny", "small"],
+                        help="model presets whose consumption is measured (none: skip)")
+    parser.add_argument("--steps", type=int, default=12, help="pre-training steps per preset")
+    parser.add_argument("--train-workers", type=int, default=2, help="loader workers in training")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="uplvp-throughput-") as tmp:
         start = time.perf_counter()
@@ -137,6 +173,17 @@ def main() -> None:
                                   num_workers=workers, repeats=args.repeats)
             print(f"{r.label:<22} {r.images:>7} {r.best_s:>8.2f} {r.images_per_s:>9.1f}",
                   flush=True)
+            decode = r.images_per_s
+        if args.presets:
+            print(f"\n{'model':<8} {'step s':>7} {'data wait':>10} {'model img/s':>12} "
+                  f"{'decode/model':>13}  (pre-training, batch {args.batch_size}, "
+                  f"{args.train_workers} loader workers)")
+        for preset in args.presets:
+            m = model_consumption(shard_dir, Path(tmp) / f"run-{preset}", preset=preset,
+                                  size=args.size, batch_size=args.batch_size,
+                                  num_workers=args.train_workers, steps=args.steps)
+            print(f"{preset:<8} {m['step_s']:>7.3f} {100 * m['data_wait_share']:>9.1f}% "
+                  f"{m['images_per_s']:>12.1f} {decode / m['images_per_s']:>12.1f}x", flush=True)
 
 
 if __name__ == "__main__":

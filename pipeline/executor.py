@@ -108,10 +108,12 @@ class _RayShardActor:
     """Ray Data callable class: holds one worker, maps a one-row batch {shard} -> summary."""
 
     def __init__(self, worker_cls: type, worker_kwargs_ref: list, torch_threads: int):
+        import cv2
         import ray
         import torch
 
-        torch.set_num_threads(torch_threads)
+        torch.set_num_threads(torch_threads)  # no oversubscription: threads = CPUs asked for
+        cv2.setNumThreads(torch_threads)
         self.worker = worker_cls(**ray.get(worker_kwargs_ref[0]))
 
     def __call__(self, batch):

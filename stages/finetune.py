@@ -36,6 +36,7 @@ class FinetuneConfig(StageConfig):
     train_data: Path  # labeled manifest (COCO annotations)
     val_data: Path | None = None  # labeled manifest for periodic validation
     init: str = "none"  # a pretrain run folder or checkpoint file, or "none" (from scratch)
+    init_skip: list[str] = []  # tensors whose name contains one of these stay re-initialised
     out: Path
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
@@ -67,7 +68,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     info, device = init_distributed(cfg.device)
     model_cfg = cfg.model.build_config(num_classes=len(category_ids))
     model = build_model(model_cfg)
-    init_report = initialise_from(model, cfg.init)
+    init_report = initialise_from(model, cfg.init, cfg.init_skip)
     model.to(device)
     criterion = SetCriterion(no_object_weight=cfg.no_object_weight,
                              num_points=cfg.num_points).to(device)
@@ -123,9 +124,10 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     return summary
 
 
-def initialise_from(model: QEISModel, init: str) -> dict:
+def initialise_from(model: QEISModel, init: str, skip: list[str] | None = None) -> dict:
     """Load a pre-trained checkpoint's QEIS weights into ``model`` (class head skipped when the
-    class count differs); ``"none"`` keeps the random initialisation. Returns the load report."""
+    class count differs; tensors whose name contains a ``skip`` pattern keep their fresh
+    initialisation); ``"none"`` keeps the random initialisation. Returns the load report."""
     if init == "none":
         return {"init": "none"}
     path = Path(init)
@@ -141,11 +143,15 @@ def initialise_from(model: QEISModel, init: str) -> dict:
     prefix = "model."  # a PromptedModel's QEIS weights; its prompt encoder is not needed here
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    skipped_by_name = sorted(k for k in state if any(p in k for p in skip or []))
+    state = {k: v for k, v in state.items() if k not in skipped_by_name}
     report = load_model_state(model, state, skip_mismatched=True)
+    report.missing = [k for k in report.missing if k not in skipped_by_name]
     if report.missing:
         raise InputError(
             f"--init: checkpoint lacks {len(report.missing)} model tensors (first: "
             f"{report.missing[0]}); was it trained with the same model preset?", path)
     console.print(f"init from {path}: {report.summary().splitlines()[0]}")
-    return {"init": str(path), "loaded": len(report.loaded), "skipped": list(report.skipped)}
+    return {"init": str(path), "loaded": len(report.loaded), "skipped": list(report.skipped),
+            "reinitialised": skipped_by_name}
 

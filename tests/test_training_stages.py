@@ -129,3 +129,14 @@ def test_finetune_bad_init_is_one_line(world, tmp_path):
                                  "--init", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "o"),
                                  "--config", str(world / "train.yaml"), "--no-progress"])
     assert result.exit_code == 2 and "checkpoint not found" in result.output
+
+
+def test_finetune_init_skip_keeps_named_tensors_fresh(world, pretrained, tmp_path):
+    config = tmp_path / "skip.yaml"
+    config.write_text((world / "train.yaml").read_text() + "init_skip: [cls_fcs]\n")
+    out = tmp_path / "ft"
+    invoke("stage", "finetune", "--train", world / "data" / "train.yaml", "--init", pretrained,
+           "--out", out, "--config", config, "--no-progress")
+    init = json.loads((out / "stage.json").read_text())["counts"]["init"]
+    assert init["reinitialised"] and all("cls_fcs" in k for k in init["reinitialised"])
+    assert not set(init["reinitialised"]) & set(init["skipped"])
