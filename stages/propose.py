@@ -28,6 +28,7 @@ from pipeline.shards import (
     shard_status,
 )
 from stages.config import StageConfig
+from stages.training_setup import resolve_device
 
 console = Console(stderr=True)
 
@@ -96,14 +97,6 @@ def read_vocabulary(path: Path) -> list[str]:
     if len(set(names)) != len(names):
         raise InputError("vocabulary file lists a name twice", path)
     return names
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def select_shards(cfg: ProposeConfig, num_shards: int) -> list[int]:
