@@ -1,0 +1,341 @@
+"""The low-data study: does UPLVP pre-training pay off, by how much, and which part matters.
+
+    .venv/bin/python benchmarks/low_data_study.py --out runs/study              # run / resume
+    .venv/bin/python benchmarks/low_data_study.py --out runs/study --report-only \
+        --results-md docs/results.md                                            # re-plot only
+
+One synthetic benchmark (larger than the demo) -> one `propose` run (classical) -> one
+pre-training run per pre-trained arm -> for every (regime, arm, seed) cell a fine-tuning run on
+that seed's low-data subset of the labeled pool, all with identical fine-tuning budgets, then
+`evaluate` of the final checkpoint on the val set. Every finished cell is a line in
+``results.jsonl``; rerunning skips finished cells (and every stage itself resumes), so the study
+survives interruption. ``--report-only`` rebuilds the tables and plots from ``results.jsonl`` and
+the runs' ``metrics.jsonl`` without training.
+
+Arms: ``scratch``; ``no_inject`` (pre-trained on pseudo masks without prompt injection);
+``full`` (UPLVP: all prompt ingredients, spread matching); ``no_position`` / ``no_shape`` /
+``no_embedding`` (one ingredient removed); ``cosine`` / ``hungarian`` (other matching).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.atomic import write_text_atomic  # noqa: E402
+from pipeline.coco import load_coco, write_coco  # noqa: E402
+from pipeline.manifest import write_manifest  # noqa: E402
+from pipeline.splits import format_percent, sample_subsets, subset_coco  # noqa: E402
+from pipeline.synth import write_synth_dataset  # noqa: E402
+from stages.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
+from stages.finetune import FinetuneConfig, run_finetune  # noqa: E402
+from stages.pretrain import LossSection, PretrainConfig, PromptSection, run_pretrain  # noqa: E402
+from stages.propose import ProposeConfig, run_propose  # noqa: E402
+from stages.trainer import TrainConfig  # noqa: E402
+from stages.training_setup import DataSection, ModelSection  # noqa: E402
+
+AP_KEY = "val/segm_AP"
+
+# prompt-section changes of each pre-trained arm (None: the arm is not pre-trained)
+ARMS: dict[str, dict[str, Any] | None] = {
+    "scratch": None,
+    "no_inject": {"inject": False},
+    "full": {},
+    "no_position": {"use_position": False},
+    "no_shape": {"use_shape": False},
+    "no_embedding": {"use_embedding": False},
+    "cosine": {"strategy": "cosine"},
+    "hungarian": {"strategy": "hungarian"},
+}
+
+
+class StudyConfig(BaseModel):
+    """Everything the study runs with; the defaults are what docs/results.md reports."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_seed: int = 0
+    num_unlabeled: int = 1000
+    num_labeled_pool: int = 400
+    num_val: int = 100
+    image_size: int = 192
+    regimes: list[float] = [1, 5, 10, 100]
+    seeds: list[int] = [0, 1, 2]
+    arms: list[str] = list(ARMS)
+    decoders: list[str] = ["knet"]
+    model: dict[str, Any] = {"preset": "tiny",
+                             "overrides": {"hidden_dim": 64, "num_kernels": 20, "ffn_dim": 128}}
+    batch_size: int = 8
+    short_side: tuple[int, int] = (160, 208)
+    eval_short_side: int = 192
+    max_long_side: int = 288
+    propose_workers: int = 2
+    pretrain_steps: int = 2000
+    pretrain_lr: float = 5e-4
+    min_score: float = 0.5
+    finetune_steps: int = 1000
+    finetune_lr: float = 5e-4
+    eval_every: int = 100
+
+
+def run_study(cfg: StudyConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "study.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
+                                                         sort_keys=False))
+    data = prepare_data(cfg, out)
+    done = {cell_key(r) for r in read_results(out)}
+    for decoder in cfg.decoders:
+        for regime in cfg.regimes:
+            for seed in cfg.seeds:
+                for arm in cfg.arms:
+                    cell = {"decoder": decoder, "regime": regime, "seed": seed, "arm": arm}
+                    if cell_key(cell) in done:
+                        continue
+                    result = run_cell(cfg, out, data, cell)
+                    with open(out / "results.jsonl", "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(result) + "\n")
+                    print(f"cell done: {cell} -> AP {100 * result['AP']:.1f}", flush=True)
+
+
+def prepare_data(cfg: StudyConfig, out: Path) -> dict[str, Path]:
+    """Synthetic benchmark + proposal shards (both skipped when already complete)."""
+    data_dir = out / "data"
+    marker = data_dir / "study_data.done"
+    if not marker.is_file():
+        write_synth_dataset(data_dir, seed=cfg.data_seed, num_unlabeled=cfg.num_unlabeled,
+                            num_train=cfg.num_labeled_pool, num_val=cfg.num_val,
+                            image_size=cfg.image_size, progress=True)
+        write_text_atomic(marker, "synthetic benchmark complete\n")
+    code = run_propose(ProposeConfig(images=data_dir / "unlabeled.yaml", out=out / "propose",
+                                     shard_size=50, num_workers=cfg.propose_workers),
+                       progress=False)
+    if code:
+        raise SystemExit(f"propose failed (exit {code})")
+    return {"data": data_dir, "shards": out / "propose"}
+
+
+def subset_manifest(cfg: StudyConfig, data_dir: Path, regime: float, seed: int) -> Path:
+    """The seed's ``regime``% image-level subset of the labeled pool, as a manifest."""
+    stem = f"train.{seed}@{format_percent(regime)}"
+    manifest = data_dir / "splits" / f"{stem}.yaml"
+    if not manifest.is_file():
+        coco = load_coco(data_dir / "train" / "annotations.json")
+        (subset,) = sample_subsets([im["id"] for im in coco["images"]], [regime], seed)
+        write_coco(data_dir / "splits" / f"{stem}.json", subset_coco(coco, subset.image_ids))
+        write_manifest(manifest, stem, data_dir / "train" / "images",
+                       annotations=data_dir / "splits" / f"{stem}.json")
+    return manifest
+
+
+def data_section(cfg: StudyConfig, seed: int) -> DataSection:
+    return DataSection(batch_size=cfg.batch_size, short_side=cfg.short_side,
+                       max_long_side=cfg.max_long_side, eval_short_side=cfg.eval_short_side,
+                       num_workers=0, seed=seed)
+
+
+def pretrained_run(cfg: StudyConfig, out: Path, shards: Path, decoder: str, arm: str) -> Path:
+    run_dir = out / "pretrain" / f"{decoder}-{arm}"
+    prompt = PromptSection(**ARMS[arm])
+    run_pretrain(
+        PretrainConfig(
+            shards=shards, out=run_dir, model=ModelSection(**cfg.model, decoder=decoder),
+            prompt=prompt, loss=LossSection(num_points=None),
+            masks={"min_score": cfg.min_score}, data=data_section(cfg, 0),
+            train=TrainConfig(max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+                              warmup_steps=min(100, cfg.pretrain_steps // 10),
+                              checkpoint_every=max(1, cfg.pretrain_steps // 4), log_every=50,
+                              progress=False),
+            resume=True,
+        ),
+        progress=False,
+    )
+    return run_dir
+
+
+def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> dict:
+    decoder, regime, seed, arm = cell["decoder"], cell["regime"], cell["seed"], cell["arm"]
+    t0 = time.perf_counter()
+    init = "none"
+    if ARMS[arm] is not None:
+        init = str(pretrained_run(cfg, out, data["shards"], decoder, arm))
+    run_dir = out / "finetune" / f"{decoder}-{format_percent(regime)}pct-seed{seed}-{arm}"
+    run_finetune(
+        FinetuneConfig(
+            train_data=subset_manifest(cfg, data["data"], regime, seed),
+            val_data=data["data"] / "val.yaml", init=init, out=run_dir,
+            model=ModelSection(**cfg.model, decoder=decoder), data=data_section(cfg, seed),
+            num_points=None,
+            train=TrainConfig(max_steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                              warmup_steps=min(50, cfg.finetune_steps // 10),
+                              eval_every=cfg.eval_every, log_every=50, seed=seed,
+                              checkpoint_every=max(1, cfg.finetune_steps // 2), progress=False),
+            resume=True,
+        ),
+        progress=False,
+    )
+    report = run_evaluate(
+        EvaluateConfig(checkpoint=run_dir, data=data["data"] / "val.yaml",
+                       out=run_dir / "evaluate", short_side=cfg.eval_short_side,
+                       max_long_side=cfg.max_long_side, batch_size=4),
+        progress=False,
+    )
+    segm = report["segm"]
+    return {**cell, "AP": segm["AP"], "AP50": segm["AP50"], "AP75": segm["AP75"],
+            "run": str(run_dir.relative_to(out)), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def cell_key(record: dict) -> tuple:
+    return (record["decoder"], float(record["regime"]), int(record["seed"]), record["arm"])
+
+
+def read_results(out: Path) -> list[dict]:
+    path = out / "results.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def ap_curve(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r[AP_KEY]) for r in map(json.loads, lines)
+            if r.get("kind") == "eval" and r.get(AP_KEY) is not None]
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
+    return next((s for s, ap in curve if ap >= target), None)
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def summarise(out: Path, records: list[dict]) -> list[dict]:
+    """One row per (decoder, regime, arm): AP/AP50/AP75 mean ± std over seeds, and the steps
+    each seed needs to reach the scratch arm's final AP of the same seed (as % of its steps)."""
+    scratch = {(r["decoder"], r["regime"], r["seed"]): r["AP"] for r in records
+               if r["arm"] == "scratch"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["decoder"], r["regime"], r["arm"]), []).append(r)
+    rows = []
+    for (decoder, regime, arm), rs in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], list(ARMS).index(kv[0][2]))):
+        reach = []
+        for r in rs:
+            target = scratch.get((decoder, regime, r["seed"]))
+            curve = ap_curve(out / r["run"])
+            if target is not None and curve:
+                step = steps_to_reach(curve, target)
+                reach.append("never" if step is None else f"{100 * step / curve[-1][0]:.0f}%")
+        rows.append({
+            "decoder": decoder, "regime": regime, "arm": arm, "seeds": len(rs),
+            "AP": mean_std([r["AP"] for r in rs]), "AP50": mean_std([r["AP50"] for r in rs]),
+            "AP75": mean_std([r["AP75"] for r in rs]),
+            "ap_mean": statistics.mean(r["AP"] for r in rs),
+            "reach": ", ".join(reach) or "-",
+        })
+    scratch_mean = {(r["decoder"], r["regime"]): r["ap_mean"] for r in rows
+                    if r["arm"] == "scratch"}
+    for r in rows:
+        base = scratch_mean.get((r["decoder"], r["regime"]))
+        r["ratio"] = f"{r['ap_mean'] / base:.2f}x" if base else "-"
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = ("| decoder | labeled | arm | seeds | mask AP | AP50 | AP75 | AP / scratch | "
+              "steps to scratch's final AP (per seed) |\n|---|---|---|---|---|---|---|---|---|\n")
+    return header + "".join(
+        f"| {r['decoder']} | {format_percent(r['regime'])}% | {r['arm']} | {r['seeds']} | "
+        f"{r['AP']} | {r['AP50']} | {r['AP75']} | {r['ratio']} | {r['reach']} |\n" for r in rows)
+
+
+def plot_curves(out: Path, records: list[dict]) -> list[Path]:
+    """One PNG per (decoder, regime): mean val mask AP vs fine-tuning step for each arm."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    paths = []
+    keys = sorted({(r["decoder"], r["regime"]) for r in records})
+    for decoder, regime in keys:
+        figure = Figure(figsize=(7, 4.5))
+        FigureCanvasAgg(figure)
+        ax = figure.add_subplot()
+        for arm in ARMS:
+            curves = [ap_curve(out / r["run"]) for r in records
+                      if (r["decoder"], r["regime"], r["arm"]) == (decoder, regime, arm)]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            steps = [s for s, _ in curves[0][:length]]
+            mean = [100 * statistics.mean(c[i][1] for c in curves) for i in range(length)]
+            ax.plot(steps, mean, label=arm, linewidth=2 if arm in ("scratch", "full") else 1)
+        ax.set_title(f"{decoder}, {format_percent(regime)}% labels: val mask AP (mean of seeds)")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("mask AP (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = out / "plots" / f"ap_{decoder}_{format_percent(regime)}pct.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+        paths.append(path)
+    return paths
+
+
+def report(out: Path, results_md: Path | None) -> str:
+    records = read_results(out)
+    rows = summarise(out, records)
+    table = markdown_table(rows)
+    plots = plot_curves(out, records)
+    text = table + "\nPlots: " + ", ".join(str(p) for p in plots) + "\n"
+    print(text)
+    if results_md is not None:
+        cfg = (out / "study.yaml").read_text() if (out / "study.yaml").is_file() else ""
+        seconds = sum(r.get("seconds", 0) for r in records)
+        write_text_atomic(results_md, (
+            "# Low-data study results\n\n"
+            "Generated by `benchmarks/low_data_study.py --report-only --results-md "
+            f"{results_md}` from `{out}/results.jsonl` ({len(records)} cells, "
+            f"{seconds / 3600:.1f} h of cell time).\n\n"
+            f"{table}\nConfig:\n\n```yaml\n{cfg}```\n"
+        ))
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--config", type=Path, help="YAML of StudyConfig fields")
+    parser.add_argument("--report-only", action="store_true", help="tables/plots only")
+    parser.add_argument("--results-md", type=Path, help="also write this markdown report")
+    args = parser.parse_args()
+    values = yaml.safe_load(args.config.read_text()) if args.config else {}
+    cfg = StudyConfig(**(values or {}))
+    unknown = sorted(set(cfg.arms) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"error: unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if not args.report_only:
+        run_study(cfg, args.out)
+    report(args.out, args.results_md)
+
+
+if __name__ == "__main__":
+    main()
