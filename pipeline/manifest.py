@@ -240,8 +240,13 @@ def _list_images(spec: ManifestSpec, root: Path, base: Path, path: Path) -> list
     """Sorted file names relative to root, or None when the manifest gives no glob/list."""
     imgs = spec.images
     if imgs.glob is not None:
+        if Path(imgs.glob).is_absolute():
+            raise InputError(f"images.glob: '{imgs.glob}' must be a pattern relative to "
+                             "images.root", path)
+        # A '..' in the pattern would match files outside the root.
+        _check_inside_root(root, imgs.glob, spec.allow_outside_root, path, "images.glob")
         names = sorted(
-            p.relative_to(root).as_posix()
+            Path(os.path.relpath(p, root)).as_posix()
             for p in root.glob(imgs.glob)
             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
         )

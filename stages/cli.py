@@ -118,6 +118,9 @@ def stage_propose(
 
 DeviceOpt = typer.Option(None, "--device", help="auto (default) | cpu | cuda.")
 ResumeOpt = typer.Option(None, "--resume", help="Continue from OUT/checkpoints/latest.")
+OnNanOpt = typer.Option(
+    None, "--on-nan", help="Non-finite loss: skip the batch group (default) | stop (exit 2).")
+CheckpointEveryOpt = typer.Option(None, "--checkpoint-every", help="Save a checkpoint every N steps.")
 
 
 @stage_app.command("pretrain")
@@ -137,6 +140,8 @@ def stage_pretrain(
     seed: Optional[int] = typer.Option(None, help="Seed of data order and augmentation (default 0)."),
     device: Optional[str] = DeviceOpt,
     resume: Optional[bool] = ResumeOpt,
+    on_nan: Optional[str] = OnNanOpt,
+    checkpoint_every: Optional[int] = CheckpointEveryOpt,
     config: Optional[Path] = ConfigOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
@@ -148,7 +153,7 @@ def stage_pretrain(
         "model.backbone_checkpoint": backbone_checkpoint, "model.freeze_backbone": freeze_backbone,
         "prompt.strategy": strategy, "train.max_steps": max_steps, "data.batch_size": batch_size,
         "train.lr": lr, "data.num_workers": num_workers, "data.seed": seed, "device": device,
-        "resume": resume,
+        "resume": resume, "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every,
     })
     run_pretrain(cfg, progress=not no_progress)
 
@@ -171,6 +176,8 @@ def stage_finetune(
     seed: Optional[int] = typer.Option(None, help="Seed of data order and augmentation (default 0)."),
     device: Optional[str] = DeviceOpt,
     resume: Optional[bool] = ResumeOpt,
+    on_nan: Optional[str] = OnNanOpt,
+    checkpoint_every: Optional[int] = CheckpointEveryOpt,
     config: Optional[Path] = ConfigOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
@@ -182,6 +189,7 @@ def stage_finetune(
         "model.preset": preset, "model.decoder": decoder, "train.max_steps": max_steps,
         "data.batch_size": batch_size, "train.lr": lr, "train.eval_every": eval_every,
         "data.num_workers": num_workers, "data.seed": seed, "device": device, "resume": resume,
+        "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every,
     })
     run_finetune(cfg, progress=not no_progress)
 

@@ -20,7 +20,7 @@ from pipeline.run_record import now_iso, write_run_record
 from stages.config import StageConfig
 from stages.evaluate import evaluate_model
 from stages.train_checkpoint import latest_checkpoint, load_training_checkpoint
-from stages.trainer import TrainConfig, init_distributed, train
+from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
 from stages.training_setup import DataSection, ModelSection
 from uplvp_model.checkpoint import load_model_state, save_model_state
 from uplvp_model.criterion import SetCriterion
@@ -67,6 +67,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
 
     info, device = init_distributed(cfg.device)
     model_cfg = cfg.model.build_config(num_classes=len(category_ids))
+    seed_all(cfg.train.seed)  # the initial weights depend on the seed only, not on earlier RNG use
     model = build_model(model_cfg)
     init_report = initialise_from(model, cfg.init, cfg.init_skip)
     model.to(device)
@@ -101,12 +102,16 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         f"init {cfg.init}, model {cfg.model.preset}/{cfg.model.decoder}, device {device}"
     )
     train_cfg = cfg.train.model_copy(update={"progress": cfg.train.progress and progress})
-    result = train(
-        model, loss_fn, loader.make_batches, train_cfg, cfg.out, resume=cfg.resume,
-        evaluate=validate if val_set is not None else None,
-        extra_state={"stage": "finetune", "model_config": model_cfg.to_dict(),
-                     "category_ids": category_ids, "stage_config": cfg.resolved()},
-    )
+    try:
+        result = train(
+            model, loss_fn, loader.make_batches, train_cfg, cfg.out, resume=cfg.resume,
+            evaluate=validate if val_set is not None else None,
+            extra_state={"stage": "finetune", "model_config": model_cfg.to_dict(),
+                         "category_ids": category_ids, "stage_config": cfg.resolved()},
+        )
+    except NonFiniteLossError as err:
+        # on_nan=stop: one line naming the run's metrics file, which lists the batch's image ids
+        raise InputError(f"training stopped: {err}", Path(cfg.out) / "metrics.jsonl") from None
     summary = {
         "step": result.step,
         "checkpoint": str(result.checkpoint),

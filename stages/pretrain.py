@@ -17,7 +17,7 @@ from pipeline.errors import InputError
 from pipeline.run_record import now_iso, write_run_record
 from pipeline.shard_dataset import MaskFilter, pretrain_loader
 from stages.config import StageConfig
-from stages.trainer import TrainConfig, init_distributed, train
+from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
 from stages.training_setup import DataSection, ModelSection
 from uplvp_model.criterion import PretrainCriterion
 from uplvp_model.model import build_model
@@ -91,6 +91,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     )
     embedding_dim = loader.source.embedding_dim
     model_cfg = cfg.model.build_config(num_classes=1)
+    seed_all(cfg.train.seed)  # the initial weights depend on the seed only, not on earlier RNG use
     model = build_model(model_cfg)
     if model.backbone_load_report is not None:
         console.print(f"backbone checkpoint: {model.backbone_load_report.summary()}")
@@ -124,14 +125,18 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         f"prompts {p.strategy}{'' if p.inject else ' (not injected)'}, device {device}"
     )
     train_cfg = cfg.train.model_copy(update={"progress": cfg.train.progress and progress})
-    result = train(
-        prompted, loss_fn, loader.make_batches, train_cfg, cfg.out, resume=cfg.resume,
-        extra_state={
-            "stage": "pretrain",
-            "model_config": model_cfg.to_dict(),
-            "stage_config": cfg.resolved(),
-        },
-    )
+    try:
+        result = train(
+            prompted, loss_fn, loader.make_batches, train_cfg, cfg.out, resume=cfg.resume,
+            extra_state={
+                "stage": "pretrain",
+                "model_config": model_cfg.to_dict(),
+                "stage_config": cfg.resolved(),
+            },
+        )
+    except NonFiniteLossError as err:
+        # on_nan=stop: one line naming the run's metrics file, which lists the batch's image ids
+        raise InputError(f"training stopped: {err}", Path(cfg.out) / "metrics.jsonl") from None
     summary = {"step": result.step, "checkpoint": str(result.checkpoint), **counts}
     if info.rank == 0:
         write_run_record(

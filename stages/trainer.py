@@ -19,13 +19,20 @@ checkpoints with exact resume, and DistributedDataParallel under torchrun.
 Steps are optimizer steps; one step consumes ``accumulation_steps`` consecutive batches of the
 stream (epochs follow each other; a group may span an epoch boundary). Everything about files
 and formats is in ``docs/training.md``.
+
+Test hook (docs/reliability.md): the environment variable ``UPLVP_TRAIN_FAULT`` injects faults
+at deterministic points so that tests can prove the crash and NaN guarantees; unset, it does
+nothing (see :class:`TrainFaults`).
 """
 from __future__ import annotations
 
 import bisect
+import io
 import math
 import os
 import random
+import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -161,6 +168,59 @@ def init_distributed(device: str = "auto") -> tuple[DistInfo, torch.device]:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return distributed_info(), chosen
+
+
+FAULT_ENV = "UPLVP_TRAIN_FAULT"
+_HANG_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class TrainFaults:
+    """Faults injected by the test hook ``UPLVP_TRAIN_FAULT="key=N[,key=N...]"`` (all optional):
+
+    - ``nan-loss=G``: the loss of the G-th batch group this process trains (1-based, counting
+      skipped groups) is multiplied by NaN, as a corrupt batch would make it.
+    - ``hang-after-step=S``: after step S (and its metrics and checkpoint) the process sleeps
+      up to 300 s, so that a test can SIGKILL it in that known state.
+    - ``kill-in-save=S``: the checkpoint of step S dies mid-write: the first half of its bytes
+      go to the temporary file ``checkpoints/.tmp-step-XXXXXXX.pt.*`` (the name the real writer
+      uses), then the process SIGKILLs itself.
+    """
+
+    nan_loss_group: int | None = None
+    hang_after_step: int | None = None
+    kill_in_save_step: int | None = None
+
+    @classmethod
+    def from_env(cls) -> TrainFaults:
+        """Parse ``$UPLVP_TRAIN_FAULT``; unset or empty: no faults. ``ValueError`` on a bad
+        value (an unnoticed typo would make a fault test pass vacuously)."""
+        raw = os.environ.get(FAULT_ENV, "").strip()
+        keys = {"nan-loss": "nan_loss_group", "hang-after-step": "hang_after_step",
+                "kill-in-save": "kill_in_save_step"}
+        values: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            key, _, value = item.partition("=")
+            if key not in keys or not value.strip().isdigit():
+                raise ValueError(f"{FAULT_ENV}: cannot parse {item!r} (expected one of "
+                                 f"{', '.join(k + '=N' for k in keys)})")
+            values[keys[key]] = int(value)
+        return cls(**values)
+
+
+def kill_mid_checkpoint_write(path: Path, model: nn.Module) -> None:
+    """Test hook: write half of a serialized state dict to the temporary name the checkpoint
+    writer uses for ``path``, then SIGKILL this process (as a crash mid-``torch.save``)."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict()}, buffer)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, _ = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data[: len(data) // 2])
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -305,6 +365,8 @@ class _Run:
         self.result = TrainResult(self.position.step, self.position.epoch,
                                   self.position.batch_in_epoch, latest_checkpoint(out_dir))
         self.consecutive_nonfinite = 0
+        self.faults = TrainFaults.from_env()
+        self.groups_run = 0
         self.logger = RunLogger(
             out_dir, enabled=self.info.rank == 0, total_steps=cfg.max_steps,
             start_step=self.position.step, progress=cfg.progress, tensorboard=cfg.tensorboard)
@@ -327,7 +389,7 @@ class _Run:
         if path is None:
             if resume:
                 notes.append(f"no checkpoint in {checkpoint_dir(self.out_dir)}: starting from scratch")
-            _seed_all(self.cfg.seed + self.info.rank)
+            seed_all(self.cfg.seed + self.info.rank)
             return LoopPosition(0, 0, 0)
         payload = load_training_checkpoint(path)
         position = restore_training_state(payload, model=self.model, optimizer=self.optimizer,
@@ -375,6 +437,8 @@ class _Run:
                     self._evaluate()
                 if step % cfg.checkpoint_every == 0 or last:
                     self._checkpoint()
+                if step == self.faults.hang_after_step:
+                    time.sleep(_HANG_SECONDS)
         finally:
             self.logger.close()
         _barrier()
@@ -389,6 +453,8 @@ class _Run:
         started = time.perf_counter()
         sums: dict[str, Tensor] = {}
         image_ids: list[int] = []
+        self.groups_run += 1
+        inject_nan = self.groups_run == self.faults.nan_loss_group
         for micro in range(accumulation):
             wait_start = time.perf_counter()
             epoch, index, batch = next(stream)
@@ -401,6 +467,8 @@ class _Run:
                     terms = self.loss_fn(self.wrapped, batch, self.position.step)
                 if not isinstance(terms, dict) or not isinstance(terms.get("loss"), Tensor):
                     raise ValueError("loss_fn must return a dict of tensors with a 'loss' entry")
+                if inject_nan:
+                    terms = {**terms, "loss": terms["loss"] * float("nan")}
                 self.scaler.scale(terms["loss"] / accumulation).backward()
             for key, value in terms.items():
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
@@ -479,6 +547,8 @@ class _Run:
         states = _gather(rng_state())
         self.result.checkpoint = checkpoint_dir(self.out_dir) / checkpoint_name(self.position.step)
         if self.info.rank == 0:
+            if self.position.step == self.faults.kill_in_save_step:
+                kill_mid_checkpoint_write(self.result.checkpoint, self.model)
             save_training_checkpoint(
                 self.out_dir, model=self.model, optimizer=self.optimizer,
                 scheduler=self.scheduler, scaler=self.scaler, position=self.position,
@@ -507,7 +577,8 @@ class _Run:
             raise NonFiniteLossError(f"{message}; stopped ({reason})")
 
 
-def _seed_all(seed: int) -> None:
+def seed_all(seed: int) -> None:
+    """Seed ``random``, ``numpy`` (legacy global) and ``torch`` (CPU and CUDA) with ``seed``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
