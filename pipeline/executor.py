@@ -8,11 +8,20 @@ Ray execution: ``ray.data.from_items(shards)`` -> ``map_batches(actor class, bat
 compute=ActorPoolStrategy(size=n))``. Actors ask for a fraction of a CPU each so that Ray Data's
 own tasks are never starved (on 2 cores, actors holding every CPU deadlock the pipeline), and for
 one GPU each only when the cluster has GPUs (asking for an absent GPU makes Ray wait forever).
+
+Worker faults on Ray: a dead actor (killed process, node lost) is restarted without limit
+(``max_restarts=-1``), and the shard it was running is retried on it at most
+``max_shard_retries`` times (``max_task_retries``; Ray Data's default retries forever, which
+turns a shard that always kills its process into an endless loop). When a shard runs out of
+retries Ray Data stops the whole execution; every shard not yet reported is then yielded as a
+failed summary carrying that error, so the caller reports them and a rerun redoes them.
+A worker that *raises* is not a Ray fault: the worker itself returns a failed summary.
 """
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -23,6 +32,7 @@ class ExecutorConfig:
     ray_address: str | None = None  # None: $RAY_ADDRESS if set, else a local Ray
     use_gpu: bool | None = None  # None: one GPU per actor iff the cluster has GPUs
     cpus_per_worker: float | None = None  # None: share the CPUs, leaving headroom
+    max_shard_retries: int = 2  # reruns of a shard whose actor died while running it
 
 
 def run_shards(
@@ -44,7 +54,7 @@ def run_shards(
 
 def _run_on_ray(shard_indices, worker_cls, worker_kwargs, config: ExecutorConfig):
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     ensure_ray(config.ray_address)
     resources = ray.cluster_resources()
@@ -57,7 +67,9 @@ def _run_on_ray(shard_indices, worker_cls, worker_kwargs, config: ExecutorConfig
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the stage shows its own bar
     ctx.verbose_progress = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # a failed execution is reported by this module in one line per shard: keep Ray Data's
+    # own traceback logs of it off the console
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     # Large constructor arguments (the image list) go to the object store once, by reference,
     # so actors stay restartable and every actor gets the same object.
     kwargs_ref = ray.put(worker_kwargs)
@@ -65,7 +77,36 @@ def _run_on_ray(shard_indices, worker_cls, worker_kwargs, config: ExecutorConfig
     dataset = ray.data.from_items(
         [{"shard": int(i)} for i in shard_indices], override_num_blocks=len(shard_indices)
     )
-    results = dataset.map_batches(
+    with warnings.catch_warnings():
+        # the retry limits below can only be given as ray_remote_args (deprecated in Ray 2.60,
+        # with no named replacement yet)
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        results = _map_shards(dataset, worker_cls, kwargs_ref, num_workers, cpus, use_gpu, config)
+    pending = set(int(i) for i in shard_indices)
+    try:
+        for row in results.iter_rows():
+            summary = _unpack(row)
+            pending.discard(summary["shard"])
+            yield summary
+    except Exception as err:  # Ray gave up (retries exhausted): report the unfinished shards
+        reason = _first_line(err)
+        for index in sorted(pending):
+            yield {
+                "shard": index,
+                "status": "failed",
+                "error": f"not completed: the Ray execution stopped after a worker died "
+                f"{config.max_shard_retries + 1} times on one shard ({reason})",
+                "seconds": 0.0,
+                "worker_lost": True,  # it may still have written its files before the stop
+            }
+
+
+def _map_shards(dataset, worker_cls, kwargs_ref, num_workers: int, cpus: float, use_gpu: bool,
+                config: ExecutorConfig):
+    """The lazy Ray Data map of one-row ``{shard}`` batches to ``{summary}`` rows."""
+    from ray.data import ActorPoolStrategy
+
+    return dataset.map_batches(
         _RayShardActor,
         batch_size=1,
         batch_format="pandas",
@@ -79,9 +120,9 @@ def _run_on_ray(shard_indices, worker_cls, worker_kwargs, config: ExecutorConfig
         },
         num_cpus=cpus,
         num_gpus=1 if use_gpu else 0,
+        max_restarts=-1,
+        max_task_retries=config.max_shard_retries,
     )
-    for row in results.iter_rows():
-        yield _unpack(row)
 
 
 def cpus_per_worker(total_cpus: float, num_workers: int) -> float:
@@ -123,6 +164,11 @@ class _RayShardActor:
 
         summaries = [json.dumps(self.worker(int(s))) for s in batch["shard"]]
         return pd.DataFrame({"summary": summaries})
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def _unpack(row: dict) -> dict:

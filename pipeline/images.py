@@ -3,9 +3,12 @@
 ``cv2.imdecode`` over the file's bytes handles paths with spaces/unicode, applies EXIF rotation,
 and turns grayscale, RGBA and 16-bit images into 8-bit 3-channel images. Images larger than
 ``max_side`` are downscaled (area interpolation) so a huge file cannot exhaust memory downstream.
+Peak memory is one decoded full-size image; OpenCV refuses headers declaring more than
+``CV_IO_MAX_IMAGE_PIXELS`` (2**30 by default) pixels, which becomes an ``ImageReadError``.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -25,13 +28,22 @@ def read_image_rgb(path: str | Path, max_side: int | None = None) -> np.ndarray:
         raise ImageReadError(f"cannot read file ({err.strerror or err})") from None
     if data.size == 0:
         raise ImageReadError("empty file (0 bytes)")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    except cv2.error as err:  # e.g. a header declaring more than CV_IO_MAX_IMAGE_PIXELS pixels
+        raise ImageReadError(f"decoder refused the image ({_cv_reason(err)})") from None
     if image is None:
         raise ImageReadError("not a decodable image (corrupt, truncated or unsupported format)")
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if max_side is not None and max(image.shape[:2]) > max_side:
         image = resize_max_side(image, max_side)
     return np.ascontiguousarray(image)
+
+
+def _cv_reason(err: cv2.error) -> str:
+    """The short reason of an OpenCV error: ``pixels <= CV_IO_MAX_IMAGE_PIXELS`` style."""
+    text = str(err).split("error: ", 1)[-1].split(" in function")[0]
+    return re.sub(r"^\(-?\d+:[^)]*\)\s*", "", text.strip()) or "OpenCV error"
 
 
 def resize_max_side(image: np.ndarray, max_side: int) -> np.ndarray:

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import InputError
+from pipeline.faults import fault_point
 
 SHARD_FORMAT_VERSION = 1
 META_KEY = b"uplvp"  # Parquet key-value metadata key holding a JSON object
@@ -128,6 +129,7 @@ def write_shard(
     """Write both files of shard ``index`` atomically: masks first, images (the marker) last."""
     meta = shard_metadata(config_hash, index, len(image_rows))
     _write_table(shard_file(out_dir, "masks", index), mask_rows, MASKS_SCHEMA, meta)
+    fault_point("between-files", index)
     _write_table(shard_file(out_dir, "images", index), image_rows, IMAGES_SCHEMA, meta)
 
 
@@ -136,6 +138,19 @@ def _write_table(path: Path, rows: Sequence[dict], schema: pa.Schema, meta: dict
     table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+        fault_point("mid-write", meta["shard_index"])  # test hook: temp file written, not renamed
+
+
+def remove_partial_files(out_dir: Path, index: int) -> list[Path]:
+    """Delete temporary files (``.tmp-shard-0000k.parquet.*``) that a killed writer of shard
+    ``index`` left behind; returns the removed paths. Call only before redoing that shard."""
+    removed = []
+    for kind in ("masks", "images"):
+        final = shard_file(out_dir, kind, index)
+        for tmp in sorted(final.parent.glob(f".tmp-{final.name}.*")):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -166,7 +166,7 @@ def run_propose(cfg: ProposeConfig, progress: bool = True) -> int:
     executor = ExecutorConfig(num_workers=cfg.num_workers, ray_address=cfg.ray_address)
     summaries = _run_with_progress(todo, shards, kwargs, executor, progress)
 
-    failed = [s for s in summaries if s["status"] != "ok"]
+    failed = [s for s in summaries if not _succeeded(s, cfg.out, run_hash)]
     setup_errors = {s["setup_error"] for s in failed if "setup_error" in s}
     if setup_errors and len(failed) == len(summaries):
         raise InputError(f"--proposer {cfg.proposer}: {sorted(setup_errors)[0]}")
@@ -199,6 +199,16 @@ def run_propose(cfg: ProposeConfig, progress: bool = True) -> int:
     )
     _print_summary(counts, summaries)
     return EXIT_SHARDS_FAILED if failed else 0
+
+
+def _succeeded(summary: dict, out_dir: Path, run_hash: str) -> bool:
+    """A shard succeeded if its worker said so, or if its summary was lost when a Ray execution
+    stopped (``worker_lost``) but the shard is complete on disk (it finished before the stop)."""
+    if summary["status"] == "ok":
+        return True
+    return bool(summary.get("worker_lost")) and (
+        shard_status(out_dir, summary["shard"], run_hash) == "complete"
+    )
 
 
 def _guard_other_config(cfg: ProposeConfig, run_hash: str) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from pipeline.faults import fault_point
 from pipeline.images import ImageReadError, read_image_rgb
-from pipeline.shards import plan_shards, write_shard
+from pipeline.shards import plan_shards, remove_partial_files, write_shard
 from uplvp_model.proposal.base import ProposedMask, build_proposer
 from uplvp_model.proposal.ingredients import mask_box_xywh, pack_bits, shape_grid
 
@@ -71,6 +72,7 @@ class ProposeShardWorker:
         return summary
 
     def _run(self, shard_index: int) -> dict:
+        remove_partial_files(self.out_dir, shard_index)  # left by a killed earlier attempt
         shard = self.shards[shard_index]
         members = self.images[shard.start : shard.stop]
         image_rows: list[dict] = []
@@ -95,6 +97,7 @@ class ProposeShardWorker:
                     mask_rows.append(self._mask_row(image_id, path, h, w, k, proposed))
                 image_rows.append(_image_row(image_id, path, (h, w), "ok", "", len(masks)))
         image_rows.sort(key=lambda r: r["image_id"])
+        fault_point("before-write", shard_index)
         write_shard(self.out_dir, shard_index, mask_rows, image_rows, self.config_hash)
         return {
             "shard": shard_index,
