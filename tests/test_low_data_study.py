@@ -42,3 +42,4 @@ def test_study_runs_resumes_and_reports(study, tmp_path):
     assert "| knet | 20% | scratch | 1 |" in text and "| knet | 100% | full | 1 |" in text
     assert (out / "plots" / "ap_knet_20pct.png").stat().st_size > 1000
     assert md.read_text().startswith("# Low-data study results")
+    assert (tmp_path / "results_plots" / "ap_knet_100pct.png").is_file()
