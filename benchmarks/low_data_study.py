@@ -229,8 +229,13 @@ def mean_std(values: list[float]) -> str:
 def summarise(out: Path, records: list[dict]) -> list[dict]:
     """One row per (decoder, regime, arm): AP/AP50/AP75 mean ± std over seeds, and the steps
     each seed needs to reach the scratch arm's final AP of the same seed (as % of its steps)."""
-    scratch = {(r["decoder"], r["regime"], r["seed"]): r["AP"] for r in records
-               if r["arm"] == "scratch"}
+    # the target is the scratch run's last validation AP, so that both sides of the comparison
+    # come from the same in-training evaluation (batching can move the final `evaluate` AP a bit)
+    scratch = {}
+    for r in records:
+        if r["arm"] == "scratch":
+            curve = ap_curve(out / r["run"])
+            scratch[(r["decoder"], r["regime"], r["seed"])] = curve[-1][1] if curve else r["AP"]
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["decoder"], r["regime"], r["arm"]), []).append(r)

@@ -161,7 +161,9 @@ def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
 
 def compare_arms(reports: dict[str, dict], curves: dict[str, list]) -> dict:
     """Final AP/AP50/AP75 of each arm and the steps each needs to reach scratch's final AP."""
-    scratch_final = reports["scratch"]["segm"]["AP"] or 0.0
+    # target: the scratch run's last validation AP (same in-training evaluation as the curves)
+    scratch_final = curves["scratch"][-1][1] if curves["scratch"] else (
+        reports["scratch"]["segm"]["AP"] or 0.0)
     rows = {}
     for arm in ARMS:
         segm = reports[arm]["segm"]
@@ -170,7 +172,8 @@ def compare_arms(reports: dict[str, dict], curves: dict[str, list]) -> dict:
             "final_step": curves[arm][-1][0] if curves[arm] else None,
             "steps_to_scratch_final_AP": steps_to_reach(curves[arm], scratch_final),
         }
-    ratio = (rows["pretrained"]["AP"] or 0.0) / scratch_final if scratch_final > 0 else None
+    scratch_ap = rows["scratch"]["AP"] or 0.0
+    ratio = (rows["pretrained"]["AP"] or 0.0) / scratch_ap if scratch_ap > 0 else None
     return {"arms": rows, "AP_ratio_pretrained_over_scratch": ratio}
 
 
