@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.atomic import write_text_atomic  # noqa: E402
 from pipeline.coco import load_coco, write_coco  # noqa: E402
+from pipeline.errors import InputError  # noqa: E402
 from pipeline.manifest import write_manifest  # noqa: E402
 from pipeline.splits import format_percent, sample_subsets, subset_coco  # noqa: E402
 from pipeline.synth import write_synth_dataset  # noqa: E402
@@ -137,8 +138,11 @@ def subset_manifest(cfg: StudyConfig, data_dir: Path, regime: float, seed: int) 
     return manifest
 
 
-def data_section(cfg: StudyConfig, seed: int) -> DataSection:
-    return DataSection(batch_size=cfg.batch_size, short_side=cfg.short_side,
+def data_section(cfg: StudyConfig, seed: int, max_batch: int | None = None) -> DataSection:
+    """Loader settings; ``max_batch`` caps the batch at a tiny subset's size (1 % of a small
+    pool can hold fewer images than one batch; the step budget stays the same)."""
+    batch = cfg.batch_size if max_batch is None else max(1, min(cfg.batch_size, max_batch))
+    return DataSection(batch_size=batch, short_side=cfg.short_side,
                        max_long_side=cfg.max_long_side, eval_short_side=cfg.eval_short_side,
                        num_workers=0, seed=seed)
 
@@ -169,11 +173,14 @@ def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> 
     if ARMS[arm] is not None:
         init = str(pretrained_run(cfg, out, data["shards"], decoder, arm))
     run_dir = out / "finetune" / f"{decoder}-{format_percent(regime)}pct-seed{seed}-{arm}"
+    train_manifest = subset_manifest(cfg, data["data"], regime, seed)
+    subset_size = len(load_coco(train_manifest.with_suffix(".json"))["images"])
     run_finetune(
         FinetuneConfig(
-            train_data=subset_manifest(cfg, data["data"], regime, seed),
+            train_data=train_manifest,
             val_data=data["data"] / "val.yaml", init=init, out=run_dir,
-            model=ModelSection(**cfg.model, decoder=decoder), data=data_section(cfg, seed),
+            model=ModelSection(**cfg.model, decoder=decoder),
+            data=data_section(cfg, seed, max_batch=subset_size),
             num_points=None,
             train=TrainConfig(max_steps=cfg.finetune_steps, lr=cfg.finetune_lr,
                               warmup_steps=min(50, cfg.finetune_steps // 10),
@@ -347,7 +354,10 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"error: unknown arm(s) {unknown}; choose from {list(ARMS)}")
     if not args.report_only:
-        run_study(cfg, args.out)
+        try:
+            run_study(cfg, args.out)
+        except InputError as err:
+            raise SystemExit(f"error: {err}") from None
     report(args.out, args.results_md, args.note)
 
 
