@@ -38,14 +38,14 @@ from pipeline.errors import InputError  # noqa: E402
 from pipeline.manifest import write_manifest  # noqa: E402
 from pipeline.splits import format_percent, sample_subsets, subset_coco  # noqa: E402
 from pipeline.synth import write_synth_dataset  # noqa: E402
+from stages.demo import ap_curve, steps_to_reach  # noqa: E402
 from stages.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
 from stages.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from stages.pretrain import LossSection, PretrainConfig, PromptSection, run_pretrain  # noqa: E402
 from stages.propose import ProposeConfig, run_propose  # noqa: E402
+from stages.run_logging import METRICS_FILE  # noqa: E402
 from stages.trainer import TrainConfig  # noqa: E402
 from stages.training_setup import DataSection, ModelSection  # noqa: E402
-
-AP_KEY = "val/segm_AP"
 
 # prompt-section changes of each pre-trained arm (None: the arm is not pre-trained)
 ARMS: dict[str, dict[str, Any] | None] = {
@@ -215,16 +215,6 @@ def read_results(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def ap_curve(run_dir: Path) -> list[tuple[int, float]]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [(r["step"], r[AP_KEY]) for r in map(json.loads, lines)
-            if r.get("kind") == "eval" and r.get(AP_KEY) is not None]
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    return next((s for s, ap in curve if ap >= target), None)
-
-
 def mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -241,7 +231,7 @@ def summarise(out: Path, records: list[dict]) -> list[dict]:
     scratch = {}
     for r in records:
         if r["arm"] == "scratch":
-            curve = ap_curve(out / r["run"])
+            curve = ap_curve(out / r["run"] / METRICS_FILE)
             scratch[(r["decoder"], r["regime"], r["seed"])] = curve[-1][1] if curve else r["AP"]
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -252,7 +242,7 @@ def summarise(out: Path, records: list[dict]) -> list[dict]:
         reach = []
         for r in rs:
             target = scratch.get((decoder, regime, r["seed"]))
-            curve = ap_curve(out / r["run"])
+            curve = ap_curve(out / r["run"] / METRICS_FILE)
             if target is not None and curve:
                 step = steps_to_reach(curve, target)
                 reach.append("never" if step is None else f"{100 * step / curve[-1][0]:.0f}%")
@@ -291,7 +281,7 @@ def plot_curves(out: Path, records: list[dict]) -> list[Path]:
         FigureCanvasAgg(figure)
         ax = figure.add_subplot()
         for arm in ARMS:
-            curves = [ap_curve(out / r["run"]) for r in records
+            curves = [ap_curve(out / r["run"] / METRICS_FILE) for r in records
                       if (r["decoder"], r["regime"], r["arm"]) == (decoder, regime, arm)]
             curves = [c for c in curves if c]
             if not curves:

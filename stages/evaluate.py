@@ -34,7 +34,7 @@ from pipeline.predictions import batch_to_coco_results, check_category_ids
 from pipeline.run_record import now_iso, write_run_record
 from pipeline.transforms import eval_config
 from stages.config import StageConfig
-from stages.propose import resolve_device
+from stages.training_setup import resolve_device
 from stages.train_checkpoint import latest_checkpoint
 from uplvp_model.checkpoint import read_checkpoint
 from uplvp_model.config import ModelConfig

@@ -27,7 +27,7 @@ from pipeline.run_record import now_iso, write_run_record
 from pipeline.transforms import eval_config
 from stages.config import StageConfig
 from stages.evaluate import PREDICTIONS_FILE, load_inference_model, predict_results
-from stages.propose import resolve_device
+from stages.training_setup import resolve_device
 
 console = Console(stderr=True)
 
