@@ -19,6 +19,8 @@ Arms: ``scratch``; ``no_inject`` (pre-trained on pseudo masks without prompt inj
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import statistics
 import sys
@@ -89,23 +91,102 @@ class StudyConfig(BaseModel):
     eval_every: int = 100
 
 
-def run_study(cfg: StudyConfig, out: Path) -> None:
+# fields that choose which cells run; every other field defines the benchmark itself
+SELECTION_FIELDS = ("regimes", "seeds", "arms", "decoders")
+
+
+def run_study(cfg: StudyConfig, out: Path, poll_seconds: float = 10.0) -> None:
+    """Run every cell of ``cfg`` not yet in ``results.jsonl``.
+
+    Several processes may run on one ``out`` at once (one per core, ``--threads 1``): each cell
+    and each pre-training run is held under an exclusive file lock while it runs, a process
+    skips cells whose lock another process holds (and returns once only such cells are left)
+    and defers cells whose pre-training another process is running (waiting for those). Locks
+    die with their process, so a killed worker leaves nothing to clean up: rerunning redoes
+    its cell (every stage resumes from its checkpoints).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "study.yaml", yaml.safe_dump(cfg.model_dump(mode="json"),
-                                                         sort_keys=False))
-    data = prepare_data(cfg, out)
-    done = {cell_key(r) for r in read_results(out)}
-    for decoder in cfg.decoders:
-        for regime in cfg.regimes:
-            for seed in cfg.seeds:
-                for arm in cfg.arms:
-                    cell = {"decoder": decoder, "regime": regime, "seed": seed, "arm": arm}
-                    if cell_key(cell) in done:
-                        continue
-                    result = run_cell(cfg, out, data, cell)
-                    with open(out / "results.jsonl", "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(result) + "\n")
-                    print(f"cell done: {cell} -> AP {100 * result['AP']:.1f}", flush=True)
+    with file_lock(out / "locks" / "prepare.lock"):
+        record_config(cfg, out)
+        data = prepare_data(cfg, out)
+    cells = [{"decoder": decoder, "regime": regime, "seed": seed, "arm": arm}
+             for decoder in cfg.decoders for regime in cfg.regimes
+             for seed in cfg.seeds for arm in cfg.arms]
+    while True:
+        ran = deferred = False
+        for cell in cells:
+            if cell_key(cell) in {cell_key(r) for r in read_results(out)}:
+                continue  # done (possibly by another process meanwhile)
+            with try_lock(out / "locks" / f"cell-{cell_name(cell)}.lock") as got_cell:
+                if not got_cell:
+                    continue  # another process is running it
+                if cell_key(cell) in {cell_key(r) for r in read_results(out)}:
+                    continue
+                result = run_cell(cfg, out, data, cell)
+                if result is None:
+                    deferred = True  # its pre-training is running in another process
+                    continue
+                with open(out / "results.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(result) + "\n")  # one short append: atomic on POSIX
+                ran = True
+                print(f"cell done: {cell} -> AP {100 * result['AP']:.1f} "
+                      f"({result['seconds']:.0f} s)", flush=True)
+        if not deferred and not ran:
+            return  # every cell is done or being run by another (live) process
+        if deferred and not ran:
+            time.sleep(poll_seconds)  # wait for another process's pre-training
+
+
+def cell_name(cell: dict) -> str:
+    return f"{cell['decoder']}-{format_percent(cell['regime'])}pct-seed{cell['seed']}-{cell['arm']}"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Exclusive lock on ``path`` (blocking); released on exit or when the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def try_lock(path: Path):
+    """Like ``file_lock`` but never waits: yields False when another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def record_config(cfg: StudyConfig, out: Path) -> None:
+    """``study.yaml``: the benchmark fields (fixed for the folder) and the union of the cells
+    selected by every invocation. A folder made with other benchmark fields is refused, so
+    cells of different benchmarks never share one table."""
+    path = out / "study.yaml"
+    current = cfg.model_dump(mode="json")
+    if path.is_file():
+        recorded = yaml.safe_load(path.read_text()) or {}
+        differ = sorted(k for k in current if k not in SELECTION_FIELDS
+                        and k in recorded and recorded[k] != current[k])
+        if differ:
+            raise InputError(f"{path}: this folder holds a study with other settings "
+                             f"({', '.join(differ)}); use another --out")
+        for key in SELECTION_FIELDS:
+            merged = list(recorded.get(key, []))
+            merged += [v for v in current[key] if v not in merged]
+            current[key] = merged
+    write_text_atomic(path, yaml.safe_dump(current, sort_keys=False))
 
 
 def prepare_data(cfg: StudyConfig, out: Path) -> dict[str, Path]:
@@ -147,8 +228,19 @@ def data_section(cfg: StudyConfig, seed: int, max_batch: int | None = None) -> D
                        num_workers=0, seed=seed)
 
 
-def pretrained_run(cfg: StudyConfig, out: Path, shards: Path, decoder: str, arm: str) -> Path:
+def pretrained_run(cfg: StudyConfig, out: Path, shards: Path, decoder: str,
+                   arm: str) -> Path | None:
+    """The arm's finished pre-training run (run or resumed here); None while another process
+    is running it."""
     run_dir = out / "pretrain" / f"{decoder}-{arm}"
+    with try_lock(out / "locks" / f"pretrain-{decoder}-{arm}.lock") as got:
+        if not got:
+            return None
+        pretrain(cfg, shards, decoder, arm, run_dir)
+    return run_dir
+
+
+def pretrain(cfg: StudyConfig, shards: Path, decoder: str, arm: str, run_dir: Path) -> None:
     prompt = PromptSection(**ARMS[arm])
     run_pretrain(
         PretrainConfig(
@@ -163,16 +255,21 @@ def pretrained_run(cfg: StudyConfig, out: Path, shards: Path, decoder: str, arm:
         ),
         progress=False,
     )
-    return run_dir
 
 
-def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> dict:
+def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> dict | None:
+    """Fine-tune + evaluate one cell; None when its pre-training is running elsewhere."""
+    import torch
+
     decoder, regime, seed, arm = cell["decoder"], cell["regime"], cell["seed"], cell["arm"]
     t0 = time.perf_counter()
     init = "none"
     if ARMS[arm] is not None:
-        init = str(pretrained_run(cfg, out, data["shards"], decoder, arm))
-    run_dir = out / "finetune" / f"{decoder}-{format_percent(regime)}pct-seed{seed}-{arm}"
+        pretrained = pretrained_run(cfg, out, data["shards"], decoder, arm)
+        if pretrained is None:
+            return None
+        init = str(pretrained)
+    run_dir = out / "finetune" / cell_name(cell)
     train_manifest = subset_manifest(cfg, data["data"], regime, seed)
     subset_size = len(load_coco(train_manifest.with_suffix(".json"))["images"])
     run_finetune(
@@ -198,7 +295,8 @@ def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> 
     )
     segm = report["segm"]
     return {**cell, "AP": segm["AP"], "AP50": segm["AP50"], "AP75": segm["AP75"],
-            "run": str(run_dir.relative_to(out)), "seconds": round(time.perf_counter() - t0, 1)}
+            "run": str(run_dir.relative_to(out)), "seconds": round(time.perf_counter() - t0, 1),
+            "threads": torch.get_num_threads()}
 
 
 # --------------------------------------------------------------------------- report
@@ -337,7 +435,13 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="tables/plots only")
     parser.add_argument("--results-md", type=Path, help="also write this markdown report")
     parser.add_argument("--note", default="", help="a paragraph put above the table")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of this process "
+                        "(run one process per core with --threads 1 to share an --out)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     values = yaml.safe_load(args.config.read_text()) if args.config else {}
     cfg = StudyConfig(**(values or {}))
     unknown = sorted(set(cfg.arms) - set(ARMS))

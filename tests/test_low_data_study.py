@@ -1,10 +1,12 @@
 """benchmarks/low_data_study.py with toy budgets: runs every cell, resumes, re-reports."""
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "low_data_study.py"
 
@@ -45,3 +47,71 @@ def test_study_runs_resumes_and_reports(study, tmp_path):
     assert (out / "plots" / "ap_knet_10pct.png").stat().st_size > 1000
     assert md.read_text().startswith("# Low-data study results")
     assert (tmp_path / "results_plots" / "ap_knet_100pct.png").is_file()
+
+
+def toy_config(study, **changes):
+    values = dict(
+        num_unlabeled=6, num_labeled_pool=10, num_val=3, image_size=64, regimes=[10, 100],
+        seeds=[0], arms=["scratch", "full"], model={"preset": "tiny"}, batch_size=2,
+        short_side=(64, 64), eval_short_side=64, max_long_side=96, propose_workers=0,
+        pretrain_steps=2, finetune_steps=2, eval_every=1, min_score=0.0,
+    )
+    values.update(changes)
+    return study.StudyConfig(**values)
+
+
+def test_try_lock_refuses_a_held_lock_and_frees_it_on_exit(study, tmp_path):
+    path = tmp_path / "locks" / "a.lock"
+    with study.try_lock(path) as first:
+        assert first is True
+        with study.try_lock(path) as second:  # a second open file description: refused
+            assert second is False
+    with study.try_lock(path) as again:
+        assert again is True
+
+
+def test_a_folder_of_another_benchmark_is_refused_but_selections_merge(study, tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    study.record_config(toy_config(study, regimes=[10], arms=["scratch"]), out)
+    study.record_config(toy_config(study, regimes=[100, 10], arms=["full"]), out)
+    recorded = yaml.safe_load((out / "study.yaml").read_text())
+    assert recorded["regimes"] == [10, 100] and recorded["arms"] == ["scratch", "full"]
+    with pytest.raises(study.InputError, match=r"other settings \(finetune_steps\)"):
+        study.record_config(toy_config(study, finetune_steps=3), out)
+
+
+def test_a_cell_whose_pretraining_runs_elsewhere_is_deferred(study, tmp_path):
+    cfg = toy_config(study, regimes=[100], arms=["full"])
+    out = tmp_path / "study"
+    out.mkdir()
+    data = study.prepare_data(cfg, out)
+    cell = {"decoder": "knet", "regime": 100, "seed": 0, "arm": "full"}
+    with study.try_lock(out / "locks" / "pretrain-knet-full.lock") as held:
+        assert held
+        assert study.run_cell(cfg, out, data, cell) is None
+    assert not (out / "finetune").exists() and not (out / "pretrain").exists()
+    result = study.run_cell(cfg, out, data, cell)
+    assert result["arm"] == "full" and (out / "pretrain" / "knet-full").is_dir()
+
+
+def test_two_processes_share_one_study_without_duplicates(tmp_path):
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        num_unlabeled=6, num_labeled_pool=10, num_val=3, image_size=64, regimes=[10, 50, 100],
+        seeds=[0, 1], arms=["scratch", "full"], model={"preset": "tiny"}, batch_size=2,
+        short_side=[64, 64], eval_short_side=64, max_long_side=96, propose_workers=0,
+        pretrain_steps=2, finetune_steps=2, eval_every=1, min_score=0.0)))
+    out = tmp_path / "study"
+    command = [sys.executable, str(SCRIPT), "--out", str(out), "--config", str(config),
+               "--threads", "1"]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    logs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    lines = (out / "results.jsonl").read_text().splitlines()
+    keys = sorted((json.loads(x)["regime"], json.loads(x)["seed"], json.loads(x)["arm"])
+                  for x in lines)
+    assert keys == sorted((r, s, a) for r in (10, 50, 100) for s in (0, 1)
+                          for a in ("scratch", "full"))  # each cell exactly once
+    assert all(json.loads(x)["threads"] == 1 for x in lines)
