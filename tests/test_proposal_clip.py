@@ -160,6 +160,10 @@ def test_clip_proposer_returns_well_formed_deterministic_results(tiny):
     assert proposer.propose([]) == []
     with pytest.raises(ValueError, match="unexpected keyword"):
         build_proposer("clip", model_name=TINY, nonsense=1)
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\], got 0.0"):
+        build_proposer("clip", model_name=TINY, threshold=0.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        build_proposer("clip", model_name=TINY, temperature=0)
     with pytest.raises(ValueError, match="uint8"):
         proposer.propose([np.zeros((8, 8), dtype=np.uint8)])
 

@@ -137,14 +137,23 @@ def test_bad_options_are_one_line_errors(pool, tmp_path):
 
 
 def test_clip_proposer_with_tiny_random_model(pool, tmp_path):
+    # random weights mean nothing, so a near-uniform softmax (low temperature) and low thresholds
+    # make every image yield masks:
+    # this checks the rows' structure (never quality) and cannot pass with zero rows
+    vocabulary = tmp_path / "vocabulary.txt"
+    vocabulary.write_text("# two classes\ncircle\nsquare\n")
+    config = tmp_path / "clip.yaml"
+    config.write_text("options: {temperature: 0.001, min_peak: 0.01, threshold: 0.01, max_area_fraction: 1.0}\n")
     result = propose(pool, tmp_path / "clip", "--proposer", "clip", "--clip-model",
-                     ASSETS / "tiny-clip-vit.json", "--shards", "0", "--device", "cpu")
+                     ASSETS / "tiny-clip-vit.json", "--shards", "0", "--device", "cpu",
+                     "--vocabulary", vocabulary, "--config", config)
     assert result.exit_code == 0, result.output
     masks, images = read(tmp_path / "clip")
     assert len(images) == 3
-    if len(masks):  # random weights: structure only, never quality
-        assert masks.clip_embedding.map(len).unique().tolist() == [32]
-        assert set(masks.label_index) <= set(range(80))
+    assert sorted(masks.image_id.unique()) == sorted(images.image_id)  # every image has masks
+    assert masks.clip_embedding.map(len).unique().tolist() == [32]
+    assert set(masks.label_index) <= {0, 1}
+    assert masks.score.between(0, 1).all()
 
 
 def test_freemask_proposer_with_small_random_backbone(pool, tmp_path):

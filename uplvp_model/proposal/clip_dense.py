@@ -293,6 +293,12 @@ class ClipProposer:
         top_k: int = 20,
         text_cache: TextEmbeddingCache = TEXT_EMBEDDING_CACHE,
     ) -> None:
+        for name, value in (("threshold", threshold), ("min_peak", min_peak),
+                            ("max_area_fraction", max_area_fraction)):
+            if not 0 < value <= 1:
+                raise ValueError(f"clip proposer option {name} must be in (0, 1], got {value}")
+        if temperature <= 0:
+            raise ValueError(f"clip proposer option temperature must be > 0, got {temperature}")
         self.vocabulary = check_vocabulary(vocabulary)
         self.templates = check_templates(templates)
         self.background_words = [w for w in background_words if w not in self.vocabulary]
