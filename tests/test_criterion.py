@@ -219,3 +219,17 @@ def test_set_criterion_rejects_prompts_and_bad_labels():
     with pytest.raises(ValueError):
         SetCriterion()(outputs, [{"labels": torch.tensor([0]), "masks": targets[0]["masks"]}],
                        kernel_to_prompt=[torch.zeros(2, dtype=torch.long)])
+
+
+def test_set_criterion_matching_costs_follow_its_loss_weights():
+    # kernel 0: right class, wrong mask; kernel 1: wrong class, right mask
+    target = torch.zeros(1, 8, 8, dtype=torch.bool)
+    target[0, :4] = True
+    targets = [{"labels": torch.tensor([0]), "masks": target}]
+    logits = torch.tensor([[[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]])
+    masks = torch.stack([torch.where(target[0], -9.0, 9.0), torch.where(target[0], 9.0, -9.0)])[None]
+    by_class = SetCriterion(num_points=None, ce_weight=1.0, bce_weight=0.0, dice_weight=0.0)
+    by_mask = SetCriterion(num_points=None, ce_weight=0.0, bce_weight=1.0, dice_weight=1.0)
+    assert (by_class.matcher.class_weight, by_class.matcher.bce_weight) == (1.0, 0.0)
+    assert by_class.matcher(logits, masks, targets)[0][0].tolist() == [0]
+    assert by_mask.matcher(logits, masks, targets)[0][0].tolist() == [1]

@@ -267,7 +267,8 @@ class SetCriterion(nn.Module):
       weighted mean as in ``F.cross_entropy(weight=...)``.
     - ``bce`` / ``dice``: mask losses of matched pairs.
 
-    Matching: ``HungarianMatcher`` (class 2, BCE 5, dice 5). ``kernel_to_prompt`` must be None
+    Matching: ``HungarianMatcher`` whose cost weights are the loss weights (as in Mask2Former),
+    unless a ``matcher`` is given. ``kernel_to_prompt`` must be None
     and ``step`` is unused (the arguments exist so both criteria share one call).
     """
 
@@ -285,8 +286,11 @@ class SetCriterion(nn.Module):
         self.weights = {"ce": ce_weight, "bce": bce_weight, "dice": dice_weight}
         self.no_object_weight = no_object_weight
         self.num_points = num_points
+        # the assignment optimises what the loss measures: a user who re-weights a loss term
+        # re-weights its matching cost too
         self.matcher = matcher or HungarianMatcher(
-            class_weight=2.0, bce_weight=5.0, dice_weight=5.0, num_points=num_points
+            class_weight=ce_weight, bce_weight=bce_weight, dice_weight=dice_weight,
+            num_points=num_points,
         )
 
     def forward(
