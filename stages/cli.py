@@ -121,23 +121,42 @@ ResumeOpt = typer.Option(None, "--resume", help="Continue from OUT/checkpoints/l
 OnNanOpt = typer.Option(
     None, "--on-nan", help="Non-finite loss: skip the batch group (default) | stop (exit 2).")
 CheckpointEveryOpt = typer.Option(None, "--checkpoint-every", help="Save a checkpoint every N steps.")
+# options that pretrain and finetune share (their defaults live in the stage configs)
+RunOutOpt = typer.Option(None, "--out", help="Run folder (checkpoints/, metrics).")
+PresetOpt = typer.Option(None, "--preset", help="Model preset: tiny | small (default) | base.")
+DecoderOpt = typer.Option(None, "--decoder", help="knet (default) | mask2former.")
+BatchSizeOpt = typer.Option(None, "--batch-size", help="Global batch size (default 16).")
+LrOpt = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4).")
+NumWorkersOpt = typer.Option(None, "--num-workers", help="DataLoader workers (default 2).")
+SeedOpt = typer.Option(None, "--seed", help="Seed of data order and augmentation (default 0).")
+
+
+def training_overrides(*, out, preset, decoder, max_steps, batch_size, lr, num_workers, seed,
+                       device, resume, on_nan, checkpoint_every) -> dict:
+    """Config overrides of the options pretrain and finetune share."""
+    return {
+        "out": out, "model.preset": preset, "model.decoder": decoder,
+        "train.max_steps": max_steps, "data.batch_size": batch_size, "train.lr": lr,
+        "data.num_workers": num_workers, "data.seed": seed, "device": device, "resume": resume,
+        "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every,
+    }
 
 
 @stage_app.command("pretrain")
 @user_errors
 def stage_pretrain(
     shards: Optional[Path] = typer.Option(None, "--shards", help="The propose stage's output folder."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (checkpoints/, metrics)."),
-    preset: Optional[str] = typer.Option(None, help="Model preset: tiny | small (default) | base."),
-    decoder: Optional[str] = typer.Option(None, help="knet (default) | mask2former."),
+    out: Optional[Path] = RunOutOpt,
+    preset: Optional[str] = PresetOpt,
+    decoder: Optional[str] = DecoderOpt,
     backbone_checkpoint: Optional[str] = typer.Option(None, help="Local ResNet weights (e.g. MoCo v2)."),
     freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone", help="Freeze the backbone."),
     strategy: Optional[str] = typer.Option(None, help="Prompt-kernel matching: spread (default) | cosine | hungarian."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 10000)."),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch size (default 16)."),
-    lr: Optional[float] = typer.Option(None, help="AdamW learning rate (default 1e-4)."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default 2)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of data order and augmentation (default 0)."),
+    batch_size: Optional[int] = BatchSizeOpt,
+    lr: Optional[float] = LrOpt,
+    num_workers: Optional[int] = NumWorkersOpt,
+    seed: Optional[int] = SeedOpt,
     device: Optional[str] = DeviceOpt,
     resume: Optional[bool] = ResumeOpt,
     on_nan: Optional[str] = OnNanOpt,
@@ -149,11 +168,12 @@ def stage_pretrain(
     from stages.pretrain import PretrainConfig, run_pretrain
 
     cfg = load_config(PretrainConfig, config, {
-        "shards": shards, "out": out, "model.preset": preset, "model.decoder": decoder,
-        "model.backbone_checkpoint": backbone_checkpoint, "model.freeze_backbone": freeze_backbone,
-        "prompt.strategy": strategy, "train.max_steps": max_steps, "data.batch_size": batch_size,
-        "train.lr": lr, "data.num_workers": num_workers, "data.seed": seed, "device": device,
-        "resume": resume, "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every,
+        "shards": shards, "model.backbone_checkpoint": backbone_checkpoint,
+        "model.freeze_backbone": freeze_backbone, "prompt.strategy": strategy,
+        **training_overrides(
+            out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
+            lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
+            on_nan=on_nan, checkpoint_every=checkpoint_every),
     })
     run_pretrain(cfg, progress=not no_progress)
 
@@ -165,15 +185,15 @@ def stage_finetune(
     val_data: Optional[Path] = typer.Option(None, "--val", help="Labeled manifest for validation."),
     init: Optional[str] = typer.Option(
         None, "--init", help="Pretrain run folder or checkpoint, or none (from scratch, default)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (checkpoints/, metrics)."),
-    preset: Optional[str] = typer.Option(None, help="Model preset: tiny | small (default) | base."),
-    decoder: Optional[str] = typer.Option(None, help="knet (default) | mask2former."),
+    out: Optional[Path] = RunOutOpt,
+    preset: Optional[str] = PresetOpt,
+    decoder: Optional[str] = DecoderOpt,
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 2000)."),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch size (default 16)."),
-    lr: Optional[float] = typer.Option(None, help="AdamW learning rate (default 1e-4)."),
+    batch_size: Optional[int] = BatchSizeOpt,
+    lr: Optional[float] = LrOpt,
     eval_every: Optional[int] = typer.Option(None, help="Validate every N steps (default 200)."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader workers (default 2)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of data order and augmentation (default 0)."),
+    num_workers: Optional[int] = NumWorkersOpt,
+    seed: Optional[int] = SeedOpt,
     device: Optional[str] = DeviceOpt,
     resume: Optional[bool] = ResumeOpt,
     on_nan: Optional[str] = OnNanOpt,
@@ -185,11 +205,12 @@ def stage_finetune(
     from stages.finetune import FinetuneConfig, run_finetune
 
     cfg = load_config(FinetuneConfig, config, {
-        "train_data": train_data, "val_data": val_data, "init": init, "out": out,
-        "model.preset": preset, "model.decoder": decoder, "train.max_steps": max_steps,
-        "data.batch_size": batch_size, "train.lr": lr, "train.eval_every": eval_every,
-        "data.num_workers": num_workers, "data.seed": seed, "device": device, "resume": resume,
-        "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every,
+        "train_data": train_data, "val_data": val_data, "init": init,
+        "train.eval_every": eval_every,
+        **training_overrides(
+            out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
+            lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
+            on_nan=on_nan, checkpoint_every=checkpoint_every),
     })
     run_finetune(cfg, progress=not no_progress)
 
