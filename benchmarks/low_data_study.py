@@ -428,6 +428,26 @@ def report(out: Path, results_md: Path | None, note: str = "") -> str:
     return text
 
 
+def export(out: Path, dest: Path) -> list[Path]:
+    """Copy what the report needs (``study.yaml``, ``results.jsonl``, each recorded run's
+    ``metrics.jsonl`` and ``evaluate/metrics.json``) to ``dest``, a small folder to keep with
+    the results: ``--report-only --out DEST`` re-plots from it, and copying it to a new
+    ``--out`` lets a later machine resume the study (finished cells are skipped; pre-training
+    runs are redone when a new cell needs them)."""
+    import shutil
+
+    files = [Path("study.yaml"), Path("results.jsonl")]
+    for record in read_results(out):
+        files += [Path(record["run"]) / METRICS_FILE, Path(record["run"]) / "evaluate" / "metrics.json"]
+    copied = []
+    for relative in files:
+        if (out / relative).is_file():
+            (dest / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / relative, dest / relative)
+            copied.append(dest / relative)
+    return copied
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -435,6 +455,8 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="tables/plots only")
     parser.add_argument("--results-md", type=Path, help="also write this markdown report")
     parser.add_argument("--note", default="", help="a paragraph put above the table")
+    parser.add_argument("--export", type=Path, help="copy the results and per-run metrics "
+                        "to this folder (to keep; report and resume from it)")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this process "
                         "(run one process per core with --threads 1 to share an --out)")
     args = parser.parse_args()
@@ -453,6 +475,8 @@ def main() -> None:
         except InputError as err:
             raise SystemExit(f"error: {err}") from None
     report(args.out, args.results_md, args.note)
+    if args.export:
+        print(f"exported {len(export(args.out, args.export))} files to {args.export}")
 
 
 if __name__ == "__main__":

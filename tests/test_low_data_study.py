@@ -48,6 +48,11 @@ def test_study_runs_resumes_and_reports(study, tmp_path):
     assert md.read_text().startswith("# Low-data study results")
     assert (tmp_path / "results_plots" / "ap_knet_100pct.png").is_file()
 
+    kept = tmp_path / "kept"  # the small folder committed with the results
+    assert len(study.export(out, kept)) == 2 + 2 * 4
+    table = text.split("\nPlots:")[0]
+    assert study.report(kept, None).split("\nPlots:")[0] == table  # same tables from it
+
 
 def toy_config(study, **changes):
     values = dict(
