@@ -110,12 +110,18 @@ def shard_file(out_dir: Path, kind: str, index: int) -> Path:
     return Path(out_dir) / kind / f"shard-{index:05d}.parquet"
 
 
-def shard_metadata(config_hash: str, index: int, num_images: int) -> dict[str, Any]:
+def shard_metadata(config_hash: str, index: int, image_rows: Sequence[dict]) -> dict[str, Any]:
+    """The ``uplvp`` key-value metadata of both files of a shard (docs/shards.md); the counts
+    let a reader total a large folder from the Parquet footers alone."""
+    statuses = [row["status"] for row in image_rows]
     return {
         "format_version": SHARD_FORMAT_VERSION,
         "config_hash": config_hash,
         "shard_index": index,
-        "num_images": num_images,
+        "num_images": len(image_rows),
+        "num_images_ok": statuses.count("ok"),
+        "num_images_error": statuses.count("error"),
+        "num_masks": sum(int(row["num_masks"]) for row in image_rows),
     }
 
 
@@ -127,7 +133,7 @@ def write_shard(
     config_hash: str,
 ) -> None:
     """Write both files of shard ``index`` atomically: masks first, images (the marker) last."""
-    meta = shard_metadata(config_hash, index, len(image_rows))
+    meta = shard_metadata(config_hash, index, image_rows)
     _write_table(shard_file(out_dir, "masks", index), mask_rows, MASKS_SCHEMA, meta)
     fault_point("between-files", index)
     _write_table(shard_file(out_dir, "images", index), image_rows, IMAGES_SCHEMA, meta)

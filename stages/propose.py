@@ -24,6 +24,7 @@ from pipeline.shards import (
     array_task_shards,
     parse_shard_list,
     plan_shards,
+    read_metadata,
     shard_file,
     shard_status,
 )
@@ -260,7 +261,13 @@ def dataset_totals(out_dir: Path, num_shards: int) -> dict[str, Any]:
         if not path.is_file():
             continue
         present += 1
-        table = pq.read_table(path, columns=["status", "num_masks"])
+        meta = read_metadata(path)
+        if {"num_images_ok", "num_images_error", "num_masks"} <= meta.keys():
+            ok += meta["num_images_ok"]  # the footer's counts: no column read
+            errors += meta["num_images_error"]
+            masks += meta["num_masks"]
+            continue
+        table = pq.read_table(path, columns=["status", "num_masks"])  # shards without counts
         statuses = table.column("status").to_pylist()
         ok += statuses.count("ok")
         errors += statuses.count("error")

@@ -65,7 +65,8 @@ def test_write_shard_then_complete_and_pandas_reads_folder(tmp_path):
     assert shard_status(tmp_path, 0, "other") == "stale"
     meta = read_metadata(shard_file(tmp_path, "masks", 0))
     assert meta == {"format_version": SHARD_FORMAT_VERSION, "config_hash": "h1",
-                    "shard_index": 0, "num_images": 1}
+                    "shard_index": 0, "num_images": 1, "num_images_ok": 1,
+                    "num_images_error": 0, "num_masks": 1}
     df = pd.read_parquet(tmp_path / "masks")
     assert len(df) == 1 and list(df.columns) == MASKS_SCHEMA.names
     assert pq.read_schema(shard_file(tmp_path, "masks", 1)).equals(MASKS_SCHEMA, check_metadata=False)
@@ -118,3 +119,22 @@ def _documented_columns(section: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("section, schema", [("masks", MASKS_SCHEMA), ("images", IMAGES_SCHEMA)])
 def test_schema_matches_the_docs(section, schema):
     assert _documented_columns(section) == [(f.name, str(f.type)) for f in schema]
+
+
+def test_dataset_totals_from_footer_counts_and_from_columns_without_them(tmp_path):
+    from stages.propose import dataset_totals
+
+    masks, images = _rows()
+    failed = {**images[0], "image_id": 2, "status": "error", "error": "truncated", "num_masks": 0}
+    write_shard(tmp_path, 0, masks, [images[0], failed], "h1")
+    write_shard(tmp_path, 1, masks * 3, [{**images[0], "num_masks": 3}], "h1")
+    expected = {"shards_on_disk": 2, "images_ok": 2, "images_error": 1, "masks": 4,
+                "masks_per_image": 2.0}
+    assert dataset_totals(tmp_path, 3) == expected
+    # a shard written before the counts existed: its footer lacks them, the columns are read
+    path = shard_file(tmp_path, "images", 1)
+    table = pq.read_table(path)
+    old = {k: v for k, v in read_metadata(path).items() if not k.startswith("num_") or k == "num_images"}
+    pq.write_table(table.replace_schema_metadata({"uplvp": json.dumps(old)}), path)
+    assert "num_masks" not in read_metadata(path)
+    assert dataset_totals(tmp_path, 3) == expected
