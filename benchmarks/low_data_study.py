@@ -353,18 +353,30 @@ def summarise(out: Path, records: list[dict]) -> list[dict]:
         })
     scratch_mean = {(r["decoder"], r["regime"]): r["ap_mean"] for r in rows
                     if r["arm"] == "scratch"}
+    scratch_ap = {cell_key({**r, "arm": "scratch"}): r["AP"] for r in records
+                  if r["arm"] == "scratch"}
     for r in rows:
         base = scratch_mean.get((r["decoder"], r["regime"]))
         r["ratio"] = f"{r['ap_mean'] / base:.2f}x" if base else "-"
+        # paired by seed: the same labeled subset and fine-tuning seed on both sides
+        gains = [rec["AP"] - scratch_ap[cell_key({**rec, "arm": "scratch"})]
+                 for rec in groups[(r["decoder"], r["regime"], r["arm"])]
+                 if cell_key({**rec, "arm": "scratch"}) in scratch_ap]
+        r["gain"] = "-" if r["arm"] == "scratch" or not gains else (
+            f"{100 * statistics.mean(gains):+.1f}" + (
+                f" ± {100 * statistics.stdev(gains):.1f}" if len(gains) > 1 else "")
+            + f" ({sum(g > 0 for g in gains)}/{len(gains)} seeds > 0)")
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     header = ("| decoder | labeled | arm | seeds | mask AP | AP50 | AP75 | AP / scratch | "
-              "steps to scratch's final AP (per seed) |\n|---|---|---|---|---|---|---|---|---|\n")
+              "AP gain over scratch, paired by seed | steps to scratch's final AP (per seed) |\n"
+              "|---|---|---|---|---|---|---|---|---|---|\n")
     return header + "".join(
         f"| {r['decoder']} | {format_percent(r['regime'])}% | {r['arm']} | {r['seeds']} | "
-        f"{r['AP']} | {r['AP50']} | {r['AP75']} | {r['ratio']} | {r['reach']} |\n" for r in rows)
+        f"{r['AP']} | {r['AP50']} | {r['AP75']} | {r['ratio']} | {r['gain']} | {r['reach']} |\n"
+        for r in rows)
 
 
 def plot_curves(out: Path, records: list[dict]) -> list[Path]:

@@ -120,3 +120,31 @@ def test_two_processes_share_one_study_without_duplicates(tmp_path):
     assert keys == sorted((r, s, a) for r in (10, 50, 100) for s in (0, 1)
                           for a in ("scratch", "full"))  # each cell exactly once
     assert all(json.loads(x)["threads"] == 1 for x in lines)
+
+
+def test_summary_ratio_paired_gain_and_steps_to_reach(study, tmp_path):
+    from stages.demo import AP_KEY
+
+    def run(name, curve):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"kind": "eval", "step": step, AP_KEY: ap}) + "\n" for step, ap in curve))
+        return name
+
+    records = [
+        {"decoder": "knet", "regime": 5, "seed": 0, "arm": "scratch", "AP": 0.01, "AP50": 0.02,
+         "AP75": 0.0, "run": run("s0", [(50, 0.005), (100, 0.01)])},
+        {"decoder": "knet", "regime": 5, "seed": 1, "arm": "scratch", "AP": 0.02, "AP50": 0.04,
+         "AP75": 0.0, "run": run("s1", [(50, 0.02), (100, 0.02)])},
+        {"decoder": "knet", "regime": 5, "seed": 0, "arm": "full", "AP": 0.03, "AP50": 0.06,
+         "AP75": 0.01, "run": run("f0", [(50, 0.03), (100, 0.03)])},
+        {"decoder": "knet", "regime": 5, "seed": 1, "arm": "full", "AP": 0.05, "AP50": 0.08,
+         "AP75": 0.02, "run": run("f1", [(50, 0.01), (100, 0.05)])},
+    ]
+    scratch, full = study.summarise(tmp_path, records)
+    assert (scratch["arm"], scratch["AP"], scratch["ratio"], scratch["gain"]) == (
+        "scratch", "1.5 ± 0.7", "1.00x", "-")
+    assert scratch["reach"] == "100%, 50%"
+    assert (full["AP"], full["ratio"]) == ("4.0 ± 1.4", "2.67x")
+    assert full["gain"] == "+2.5 ± 0.7 (2/2 seeds > 0)"  # per seed: +2.0 and +3.0 points
+    assert full["reach"] == "50%, 100%"  # seed 1 reaches scratch's 2.0 only at step 100
