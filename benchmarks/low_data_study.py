@@ -399,8 +399,15 @@ def plot_curves(out: Path, records: list[dict]) -> list[Path]:
             length = min(len(c) for c in curves)
             steps = [s for s, _ in curves[0][:length]]
             mean = [100 * statistics.mean(c[i][1] for c in curves) for i in range(length)]
-            ax.plot(steps, mean, label=arm, linewidth=2 if arm in ("scratch", "full") else 1)
-        ax.set_title(f"{decoder}, {format_percent(regime)}% labels: val mask AP (mean of seeds)")
+            line, = ax.plot(steps, mean, label=f"{arm} (n={len(curves)})",
+                            linewidth=2 if arm in ("scratch", "full") else 1)
+            if len(curves) > 1:  # ± one standard deviation over seeds
+                std = [100 * statistics.stdev(c[i][1] for c in curves) for i in range(length)]
+                ax.fill_between(steps, [m - d for m, d in zip(mean, std)],
+                                [m + d for m, d in zip(mean, std)], color=line.get_color(),
+                                alpha=0.15, linewidth=0)
+        ax.set_title(f"{decoder}, {format_percent(regime)}% labels: val mask AP "
+                     "(mean ± std of seeds)")
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("mask AP (%)")
         ax.grid(alpha=0.3)
