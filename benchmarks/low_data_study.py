@@ -447,6 +447,14 @@ def report(out: Path, results_md: Path | None, note: str = "") -> str:
     return text
 
 
+def compose_note(note: str, note_file: Path | None) -> str:
+    """The text put above the report's table: ``note``, then the markdown of ``note_file``."""
+    if note_file is not None and not note_file.is_file():
+        raise InputError(f"--note-file {note_file} does not exist")
+    parts = [note.strip(), note_file.read_text().strip() if note_file is not None else ""]
+    return "\n\n".join(part for part in parts if part)
+
+
 def export(out: Path, dest: Path) -> list[Path]:
     """Copy what the report needs (``study.yaml``, ``results.jsonl``, each recorded run's
     ``metrics.jsonl`` and ``evaluate/metrics.json``) to ``dest``, a small folder to keep with
@@ -474,6 +482,8 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="tables/plots only")
     parser.add_argument("--results-md", type=Path, help="also write this markdown report")
     parser.add_argument("--note", default="", help="a paragraph put above the table")
+    parser.add_argument("--note-file", type=Path, help="markdown put above the table "
+                        "(after --note): the study's reading, kept in a file")
     parser.add_argument("--export", type=Path, help="copy the results and per-run metrics "
                         "to this folder (to keep; report and resume from it)")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this process "
@@ -493,7 +503,11 @@ def main() -> None:
             run_study(cfg, args.out)
         except InputError as err:
             raise SystemExit(f"error: {err}") from None
-    report(args.out, args.results_md, args.note)
+    try:
+        note = compose_note(args.note, args.note_file)
+    except InputError as err:
+        raise SystemExit(f"error: {err}") from None
+    report(args.out, args.results_md, note)
     if args.export:
         print(f"exported {len(export(args.out, args.export))} files to {args.export}")
 

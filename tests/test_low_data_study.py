@@ -42,7 +42,14 @@ def test_study_runs_resumes_and_reports(study, tmp_path):
     assert len(study.read_results(out)) == 4
 
     md = tmp_path / "results.md"
-    text = study.report(out, md)
+    reading = tmp_path / "reading.md"
+    reading.write_text("## Reading\n\nPre-training helped.\n")
+    note = study.compose_note("First paragraph.", reading)
+    assert note == "First paragraph.\n\n## Reading\n\nPre-training helped."
+    with pytest.raises(study.InputError, match="does not exist"):
+        study.compose_note("", tmp_path / "missing.md")
+    text = study.report(out, md, note)
+    assert "First paragraph.\n\n## Reading" in md.read_text()
     assert "| knet | 10% | scratch | 1 |" in text and "| knet | 100% | full | 1 |" in text
     assert (out / "plots" / "ap_knet_10pct.png").stat().st_size > 1000
     assert md.read_text().startswith("# Low-data study results")
