@@ -498,13 +498,10 @@ def main() -> None:
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"error: unknown arm(s) {unknown}; choose from {list(ARMS)}")
-    if not args.report_only:
-        try:
-            run_study(cfg, args.out)
-        except InputError as err:
-            raise SystemExit(f"error: {err}") from None
     try:
-        note = compose_note(args.note, args.note_file)
+        note = compose_note(args.note, args.note_file)  # a bad --note-file fails before the study
+        if not args.report_only:
+            run_study(cfg, args.out)
     except InputError as err:
         raise SystemExit(f"error: {err}") from None
     report(args.out, args.results_md, note)
