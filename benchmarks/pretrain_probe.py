@@ -1,0 +1,175 @@
+"""What a pre-trained checkpoint can segment *without prompts*, before any fine-tuning.
+
+Fine-tuning starts every model without prompts (nothing is injected into its kernels), so
+what transfers is what the pre-trained kernels segment on their own. This script loads
+pre-training checkpoints (``uplvp stage pretrain`` run folders or files), runs each model
+prompt-free over a labeled manifest, and scores its masks class-agnostically with
+pycocotools (every ground-truth instance becomes category 1; a prediction's score is its
+objectness):
+
+    .venv/bin/python benchmarks/pretrain_probe.py runs/study/pretrain/knet-* \\
+        --data runs/study/data/val.yaml
+
+Printed per run: mask AP, AP50 and AR@100 (recall averaged over IoU 0.50:0.95; with 20
+kernels and 100 detections allowed, AR does not depend on the scores: it says whether *some*
+kernel segments each object), the mean best IoU of each ground-truth instance over the
+model's masks, and the mean objectness of the best-matching kernels vs the others. A
+random-init model (``--scratch``, the same architecture as the first checkpoint, seed 0) is
+the reference. The numbers are class-agnostic and say nothing about categories.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from pipeline.coco import annotation_to_mask
+from pipeline.coco_dataset import eval_loader
+from pipeline.errors import InputError
+from pipeline.evaluation import evaluate_predictions, ground_truth_coco, results_coco, run_cocoeval
+from pipeline.manifest import load_manifest
+from pipeline.predictions import batch_to_coco_results
+from pipeline.transforms import eval_config
+from stages.evaluate import model_config_of, resolve_checkpoint
+from uplvp_model.checkpoint import read_checkpoint
+from uplvp_model.model import build_model
+
+MODEL_PREFIX = "model."  # a pre-training checkpoint holds the PromptedModel: model.* + prompt_encoder.*
+
+
+def class_agnostic(coco: dict) -> dict:
+    """A copy of a COCO instances dict with every annotation in one category (id 1)."""
+    out = copy.deepcopy(coco)
+    out["categories"] = [{"id": 1, "name": "object", "supercategory": "object"}]
+    for ann in out["annotations"]:
+        ann["category_id"] = 1
+    return out
+
+
+def load_pretrained(path: Path) -> tuple[torch.nn.Module, str]:
+    """The QEIS model of a pre-training checkpoint (prompt encoder dropped), in eval mode."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        payload = read_checkpoint(ckpt)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    cfg = model_config_of(payload, ckpt)
+    state = {k[len(MODEL_PREFIX):]: v for k, v in payload["model"].items()
+             if k.startswith(MODEL_PREFIX)}
+    if not state:
+        raise InputError("not a pre-training checkpoint (no 'model.' keys)", ckpt)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(f"weights do not fit the stored model config "
+                         f"({str(err).strip().splitlines()[0]} ...)", ckpt) from None
+    return model.eval(), str(ckpt)
+
+
+def scratch_model(like: Path) -> torch.nn.Module:
+    """A random-init model (seed 0) with the architecture of checkpoint ``like``."""
+    ckpt = resolve_checkpoint(like)
+    try:
+        payload = read_checkpoint(ckpt)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    cfg = model_config_of(payload, ckpt)
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def best_iou_stats(results: list[dict], coco_gt: dict) -> tuple[float, float, float]:
+    """(mean over GT instances of the best IoU over all predicted masks of its image,
+    mean score of those best predictions, mean score of the other predictions)."""
+    by_image: dict[int, list[dict]] = {}
+    for res in results:
+        by_image.setdefault(res["image_id"], []).append(res)
+    images = {img["id"]: img for img in coco_gt["images"]}
+    best_ious, best_scores, other_scores = [], [], []
+    gt_by_image: dict[int, list[dict]] = {}
+    for ann in coco_gt["annotations"]:
+        if not ann.get("iscrowd", 0):
+            gt_by_image.setdefault(ann["image_id"], []).append(ann)
+    for image_id, anns in gt_by_image.items():
+        preds = by_image.get(image_id, [])
+        if not preds:
+            best_ious.extend([0.0] * len(anns))
+            continue
+        img = images[image_id]
+        gt_rles = [mask_utils.encode(np.asfortranarray(
+            annotation_to_mask(a, img["height"], img["width"]).astype(np.uint8))) for a in anns]
+        ious = mask_utils.iou([p["segmentation"] for p in preds], gt_rles, [0] * len(gt_rles))
+        ious = np.asarray(ious).reshape(len(preds), len(anns))
+        best = ious.argmax(0)
+        best_ious.extend(ious.max(0).tolist())
+        scores = np.array([p["score"] for p in preds])
+        chosen = np.zeros(len(preds), dtype=bool)
+        chosen[best] = True
+        best_scores.extend(scores[chosen].tolist())
+        other_scores.extend(scores[~chosen].tolist())
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    return mean(best_ious), mean(best_scores), mean(other_scores)
+
+
+def probe(model: torch.nn.Module, dataset, coco_gt: dict, short_side: int, max_long_side: int,
+          batch_size: int) -> dict:
+    loader = eval_loader(dataset, batch_size, resize=eval_config(short_side, max_long_side))
+    results: list[dict] = []
+    with torch.inference_mode():
+        for batch in loader.make_batches(0):
+            outputs = model(batch["images"])
+            results.extend(batch_to_coco_results(outputs, batch, [1], max_detections=100))
+    metrics = evaluate_predictions(coco_gt, results, iou_types=("segm",))
+    evaluator = run_cocoeval(ground_truth_coco(coco_gt),
+                             results_coco(ground_truth_coco(coco_gt), results, "segm"), "segm")
+    best_iou, best_score, other_score = best_iou_stats(results, coco_gt)
+    return {"AP": metrics["segm"]["AP"], "AP50": metrics["segm"]["AP50"],
+            "AR100": float(evaluator.stats[8]), "best_iou": best_iou,
+            "score_best": best_score, "score_other": other_score}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="pre-training run folders or checkpoint files")
+    parser.add_argument("--data", type=Path, required=True, help="a labeled manifest (e.g. the val split)")
+    parser.add_argument("--short-side", type=int, default=192)
+    parser.add_argument("--max-long-side", type=int, default=288)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-scratch", action="store_true", help="skip the random-init reference")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        dataset = load_manifest(args.data)
+        if not dataset.labeled:
+            raise InputError("needs a labeled manifest", args.data)
+        coco_gt = class_agnostic(dataset.coco)
+        models = [] if args.no_scratch else [("scratch (random init)", scratch_model(args.runs[0]))]
+        for run in args.runs:
+            model, _ = load_pretrained(run)
+            models.append((run.name if run.is_dir() else str(run), model))
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"prompt-free, class-agnostic, {len(dataset.images)} images of {args.data} "
+          f"({len(coco_gt['annotations'])} instances)")
+    header = f"{'run':<24} {'AP':>6} {'AP50':>6} {'AR100':>6} {'bestIoU':>8} {'obj(best)':>10} {'obj(other)':>11} {'s':>5}"
+    print(header)
+    for name, model in models:
+        t0 = time.perf_counter()
+        m = probe(model, dataset, coco_gt, args.short_side, args.max_long_side, args.batch_size)
+        print(f"{name:<24} {100 * m['AP']:6.1f} {100 * m['AP50']:6.1f} {100 * m['AR100']:6.1f} "
+              f"{m['best_iou']:8.3f} {m['score_best']:10.3f} {m['score_other']:11.3f} "
+              f"{time.perf_counter() - t0:5.1f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
