@@ -12,6 +12,19 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """Restore torch's CPU thread count after each test: code under test (a script's
+    ``--threads``) may change it, and a changed count changes float results of later tests
+    that compare an in-process run with a subprocess run."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def write_image(path: Path, height: int, width: int, value: int = 128) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), np.full((height, width, 3), value, dtype=np.uint8))

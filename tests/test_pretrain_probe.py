@@ -99,7 +99,9 @@ def test_main_prints_one_row_per_model(tmp_path, capsys):
                         image_size=64, progress=False)
     write_pretrain_checkpoint(tmp_path / "p.pt")
     val = tmp_path / "data" / "val.yaml"
-    assert probe.main([str(tmp_path / "p.pt"), "--data", str(val), "--short-side", "64"]) == 0
+    threads = str(torch.get_num_threads())  # main sets torch's thread count: keep the session's
+    assert probe.main([str(tmp_path / "p.pt"), "--data", str(val), "--short-side", "64",
+                       "--threads", threads]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("prompt-free, class-agnostic, 3 images")
     rows = lines[2:]
@@ -112,6 +114,7 @@ def test_main_prints_one_row_per_model(tmp_path, capsys):
 def test_main_refuses_a_missing_checkpoint(tmp_path, capsys):
     write_synth_dataset(tmp_path / "data", seed=0, num_unlabeled=0, num_train=1, num_val=1,
                         image_size=64, progress=False)
-    code = probe.main([str(tmp_path / "nope.pt"), "--data", str(tmp_path / "data" / "val.yaml")])
+    code = probe.main([str(tmp_path / "nope.pt"), "--data", str(tmp_path / "data" / "val.yaml"),
+                       "--threads", str(torch.get_num_threads())])
     assert code == 2
     assert "checkpoint not found" in capsys.readouterr().err
