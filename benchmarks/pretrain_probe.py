@@ -36,8 +36,7 @@ from pipeline.evaluation import evaluate_predictions, ground_truth_coco, results
 from pipeline.manifest import load_manifest
 from pipeline.predictions import batch_to_coco_results
 from pipeline.transforms import eval_config
-from stages.evaluate import model_config_of, resolve_checkpoint
-from uplvp_model.checkpoint import read_checkpoint
+from stages.evaluate import read_model_checkpoint
 from uplvp_model.model import build_model
 
 MODEL_PREFIX = "model."  # a pre-training checkpoint holds the PromptedModel: model.* + prompt_encoder.*
@@ -54,12 +53,7 @@ def class_agnostic(coco: dict) -> dict:
 
 def load_pretrained(path: Path) -> tuple[torch.nn.Module, str]:
     """The QEIS model of a pre-training checkpoint (prompt encoder dropped), in eval mode."""
-    ckpt = resolve_checkpoint(path)
-    try:
-        payload = read_checkpoint(ckpt)
-    except ValueError as err:
-        raise InputError(str(err)) from None
-    cfg = model_config_of(payload, ckpt)
+    ckpt, payload, cfg = read_model_checkpoint(path)
     state = {k[len(MODEL_PREFIX):]: v for k, v in payload["model"].items()
              if k.startswith(MODEL_PREFIX)}
     if not state:
@@ -75,12 +69,7 @@ def load_pretrained(path: Path) -> tuple[torch.nn.Module, str]:
 
 def scratch_model(like: Path) -> torch.nn.Module:
     """A random-init model (seed 0) with the architecture of checkpoint ``like``."""
-    ckpt = resolve_checkpoint(like)
-    try:
-        payload = read_checkpoint(ckpt)
-    except ValueError as err:
-        raise InputError(str(err)) from None
-    cfg = model_config_of(payload, ckpt)
+    _, _, cfg = read_model_checkpoint(like)
     torch.manual_seed(0)
     return build_model(cfg).eval()
 

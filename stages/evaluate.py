@@ -107,15 +107,22 @@ def model_config_of(payload: dict, path: Path) -> ModelConfig:
     return dataclasses.replace(cfg, backbone_checkpoint=None)
 
 
-def load_inference_model(checkpoint: Path, device: str) -> InferenceModel:
-    """Build the checkpoint's model, load its weights (strictly), move it to ``device`` and put
-    it in eval mode. :class:`InputError` naming the file on any mismatch."""
+def read_model_checkpoint(checkpoint: Path) -> tuple[Path, dict, ModelConfig]:
+    """``(file, payload, model config)`` of a checkpoint file or training run folder
+    (:func:`resolve_checkpoint`, ``read_checkpoint``, :func:`model_config_of`);
+    :class:`InputError` naming the file if any step fails."""
     path = resolve_checkpoint(checkpoint)
     try:
         payload = read_checkpoint(path)
     except ValueError as err:
         raise InputError(str(err)) from None
-    cfg = model_config_of(payload, path)
+    return path, payload, model_config_of(payload, path)
+
+
+def load_inference_model(checkpoint: Path, device: str) -> InferenceModel:
+    """Build the checkpoint's model, load its weights (strictly), move it to ``device`` and put
+    it in eval mode. :class:`InputError` naming the file on any mismatch."""
+    path, payload, cfg = read_model_checkpoint(checkpoint)
     category_ids = payload.get("category_ids")
     if not isinstance(category_ids, list):
         raise InputError("checkpoint has no 'category_ids' list (is it a fine-tuned model?)",
