@@ -14,8 +14,8 @@ Printed per run: mask AP, AP50 and AR@100 (recall averaged over IoU 0.50:0.95; w
 kernels and 100 detections allowed, AR does not depend on the scores: it says whether *some*
 kernel segments each object), the mean best IoU of each ground-truth instance over the
 model's masks, and the mean objectness of the best-matching kernels vs the others. A
-random-init model (``--scratch``, the same architecture as the first checkpoint, seed 0) is
-the reference. The numbers are class-agnostic and say nothing about categories.
+random-init model (the same architecture as the first checkpoint, seed 0; ``--no-scratch``
+skips it) is the reference. The numbers are class-agnostic and say nothing about categories.
 """
 from __future__ import annotations
 
@@ -29,17 +29,18 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline.coco import annotation_to_mask
+from pipeline.coco import ground_truth_rles
 from pipeline.coco_dataset import eval_loader
 from pipeline.errors import InputError
-from pipeline.evaluation import evaluate_predictions, ground_truth_coco, results_coco, run_cocoeval
+from pipeline.evaluation import ground_truth_coco, results_coco, run_cocoeval, summary_metrics
 from pipeline.manifest import load_manifest
 from pipeline.predictions import batch_to_coco_results
 from pipeline.transforms import eval_config
 from stages.evaluate import read_model_checkpoint
 from uplvp_model.model import build_model
 
-MODEL_PREFIX = "model."  # a pre-training checkpoint holds the PromptedModel: model.* + prompt_encoder.*
+# A pre-training checkpoint holds the PromptedModel: "model.*" plus "prompt_encoder.*" keys.
+MODEL_PREFIX = "model."
 
 
 def class_agnostic(coco: dict) -> dict:
@@ -51,7 +52,7 @@ def class_agnostic(coco: dict) -> dict:
     return out
 
 
-def load_pretrained(path: Path) -> tuple[torch.nn.Module, str]:
+def load_pretrained(path: Path) -> torch.nn.Module:
     """The QEIS model of a pre-training checkpoint (prompt encoder dropped), in eval mode."""
     ckpt, payload, cfg = read_model_checkpoint(path)
     state = {k[len(MODEL_PREFIX):]: v for k, v in payload["model"].items()
@@ -64,7 +65,7 @@ def load_pretrained(path: Path) -> tuple[torch.nn.Module, str]:
     except RuntimeError as err:
         raise InputError(f"weights do not fit the stored model config "
                          f"({str(err).strip().splitlines()[0]} ...)", ckpt) from None
-    return model.eval(), str(ckpt)
+    return model.eval()
 
 
 def scratch_model(like: Path) -> torch.nn.Module:
@@ -80,27 +81,21 @@ def best_iou_stats(results: list[dict], coco_gt: dict) -> tuple[float, float, fl
     by_image: dict[int, list[dict]] = {}
     for res in results:
         by_image.setdefault(res["image_id"], []).append(res)
-    images = {img["id"]: img for img in coco_gt["images"]}
     best_ious, best_scores, other_scores = [], [], []
-    gt_by_image: dict[int, list[dict]] = {}
-    for ann in coco_gt["annotations"]:
-        if not ann.get("iscrowd", 0):
-            gt_by_image.setdefault(ann["image_id"], []).append(ann)
-    for image_id, anns in gt_by_image.items():
+    for image_id, instances in ground_truth_rles(coco_gt).items():
         preds = by_image.get(image_id, [])
-        if not preds:
-            best_ious.extend([0.0] * len(anns))
+        if not instances:
             continue
-        img = images[image_id]
-        gt_rles = [mask_utils.encode(np.asfortranarray(
-            annotation_to_mask(a, img["height"], img["width"]).astype(np.uint8))) for a in anns]
-        ious = mask_utils.iou([p["segmentation"] for p in preds], gt_rles, [0] * len(gt_rles))
-        ious = np.asarray(ious).reshape(len(preds), len(anns))
-        best = ious.argmax(0)
+        if not preds:
+            best_ious.extend([0.0] * len(instances))
+            continue
+        ious = mask_utils.iou([p["segmentation"] for p in preds],
+                              [rle for _, _, rle in instances], [0] * len(instances))
+        ious = np.asarray(ious).reshape(len(preds), len(instances))
         best_ious.extend(ious.max(0).tolist())
         scores = np.array([p["score"] for p in preds])
         chosen = np.zeros(len(preds), dtype=bool)
-        chosen[best] = True
+        chosen[ious.argmax(0)] = True
         best_scores.extend(scores[chosen].tolist())
         other_scores.extend(scores[~chosen].tolist())
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
@@ -115,19 +110,21 @@ def probe(model: torch.nn.Module, dataset, coco_gt: dict, short_side: int, max_l
         for batch in loader.make_batches(0):
             outputs = model(batch["images"])
             results.extend(batch_to_coco_results(outputs, batch, [1], max_detections=100))
-    metrics = evaluate_predictions(coco_gt, results, iou_types=("segm",))
-    evaluator = run_cocoeval(ground_truth_coco(coco_gt),
-                             results_coco(ground_truth_coco(coco_gt), results, "segm"), "segm")
+    gt = ground_truth_coco(coco_gt)
+    evaluator = run_cocoeval(gt, results_coco(gt, results, "segm"), "segm")
+    summary = summary_metrics(evaluator)
     best_iou, best_score, other_score = best_iou_stats(results, coco_gt)
-    return {"AP": metrics["segm"]["AP"], "AP50": metrics["segm"]["AP50"],
+    return {"AP": summary["AP"], "AP50": summary["AP50"],
             "AR100": float(evaluator.stats[8]), "best_iou": best_iou,
             "score_best": best_score, "score_other": other_score}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="pre-training run folders or checkpoint files")
-    parser.add_argument("--data", type=Path, required=True, help="a labeled manifest (e.g. the val split)")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="pre-training run folders or checkpoint files")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="a labeled manifest (e.g. the val split)")
     parser.add_argument("--short-side", type=int, default=192)
     parser.add_argument("--max-long-side", type=int, default=288)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -142,15 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         coco_gt = class_agnostic(dataset.coco)
         models = [] if args.no_scratch else [("scratch (random init)", scratch_model(args.runs[0]))]
         for run in args.runs:
-            model, _ = load_pretrained(run)
-            models.append((run.name if run.is_dir() else str(run), model))
+            models.append((run.name if run.is_dir() else str(run), load_pretrained(run)))
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"prompt-free, class-agnostic, {len(dataset.images)} images of {args.data} "
           f"({len(coco_gt['annotations'])} instances)")
-    header = f"{'run':<24} {'AP':>6} {'AP50':>6} {'AR100':>6} {'bestIoU':>8} {'obj(best)':>10} {'obj(other)':>11} {'s':>5}"
-    print(header)
+    print(f"{'run':<24} {'AP':>6} {'AP50':>6} {'AR100':>6} {'bestIoU':>8} {'obj(best)':>10} "
+          f"{'obj(other)':>11} {'s':>5}")
     for name, model in models:
         t0 = time.perf_counter()
         m = probe(model, dataset, coco_gt, args.short_side, args.max_long_side, args.batch_size)

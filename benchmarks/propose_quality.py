@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
-from pipeline.coco import annotation_to_mask
+from pipeline.coco import ground_truth_rles
 from pipeline.manifest import load_manifest
 from pipeline.shard_dataset import MaskFilter, kept_rows
 from pipeline.synth import write_synth_dataset
@@ -69,20 +69,6 @@ class MatchTable:
     gt_category: np.ndarray
     gt_area: np.ndarray
     gt_matches: list[np.ndarray]
-
-
-def ground_truth_rles(coco: dict) -> dict[int, list[tuple[int, float, dict]]]:
-    """Non-crowd instances per image id: ``[(category_id, area, compressed RLE)]``."""
-    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
-    instances: dict[int, list[tuple[int, float, dict]]] = {i: [] for i in sizes}
-    for ann in coco["annotations"]:
-        if ann.get("iscrowd", 0):
-            continue
-        height, width = sizes[ann["image_id"]]
-        mask = annotation_to_mask(ann, height, width)
-        rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
-        instances[ann["image_id"]].append((ann["category_id"], float(ann["area"]), rle))
-    return instances
 
 
 def match_masks(

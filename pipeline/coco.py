@@ -75,6 +75,20 @@ def annotation_to_mask(ann: dict, height: int, width: int) -> np.ndarray:
     return rle_to_mask(seg)
 
 
+def ground_truth_rles(coco: dict) -> dict[int, list[tuple[int, float, dict]]]:
+    """Non-crowd instances per image id: ``[(category_id, area, compressed RLE)]``."""
+    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
+    instances: dict[int, list[tuple[int, float, dict]]] = {i: [] for i in sizes}
+    for ann in coco["annotations"]:
+        if ann.get("iscrowd", 0):
+            continue
+        height, width = sizes[ann["image_id"]]
+        mask = annotation_to_mask(ann, height, width)
+        rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+        instances[ann["image_id"]].append((ann["category_id"], float(ann["area"]), rle))
+    return instances
+
+
 def mask_bbox_xywh(mask: np.ndarray) -> list[float]:
     """Tight box ``[x, y, w, h]`` of a bool mask as pycocotools computes it (``toBbox``)."""
     rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))

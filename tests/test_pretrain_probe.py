@@ -53,9 +53,12 @@ def test_best_iou_stats_exact_values():
     coco_gt = {
         "images": [{"id": 1, "height": 4, "width": 4}, {"id": 2, "height": 4, "width": 4}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": rle(gt)},
-            {"id": 2, "image_id": 2, "category_id": 1, "iscrowd": 0, "segmentation": rle(gt)},
-            {"id": 3, "image_id": 1, "category_id": 1, "iscrowd": 1, "segmentation": rle(corner)},
+            {"id": 1, "image_id": 1, "category_id": 1, "area": 4.0, "iscrowd": 0,
+             "segmentation": rle(gt)},
+            {"id": 2, "image_id": 2, "category_id": 1, "area": 4.0, "iscrowd": 0,
+             "segmentation": rle(gt)},
+            {"id": 3, "image_id": 1, "category_id": 1, "area": 4.0, "iscrowd": 1,
+             "segmentation": rle(corner)},
         ],
     }
     results = [
@@ -79,7 +82,7 @@ def write_pretrain_checkpoint(path: Path) -> torch.nn.Module:
 
 def test_load_pretrained_keeps_the_model_weights_and_drops_the_prompt_encoder(tmp_path):
     model = write_pretrain_checkpoint(tmp_path / "p.pt")
-    loaded, _ = probe.load_pretrained(tmp_path / "p.pt")
+    loaded = probe.load_pretrained(tmp_path / "p.pt")
     expected = model.state_dict()
     got = loaded.state_dict()
     assert got.keys() == expected.keys()
@@ -99,9 +102,7 @@ def test_main_prints_one_row_per_model(tmp_path, capsys):
                         image_size=64, progress=False)
     write_pretrain_checkpoint(tmp_path / "p.pt")
     val = tmp_path / "data" / "val.yaml"
-    threads = str(torch.get_num_threads())  # main sets torch's thread count: keep the session's
-    assert probe.main([str(tmp_path / "p.pt"), "--data", str(val), "--short-side", "64",
-                       "--threads", threads]) == 0
+    assert probe.main([str(tmp_path / "p.pt"), "--data", str(val), "--short-side", "64"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("prompt-free, class-agnostic, 3 images")
     rows = lines[2:]
@@ -114,7 +115,6 @@ def test_main_prints_one_row_per_model(tmp_path, capsys):
 def test_main_refuses_a_missing_checkpoint(tmp_path, capsys):
     write_synth_dataset(tmp_path / "data", seed=0, num_unlabeled=0, num_train=1, num_val=1,
                         image_size=64, progress=False)
-    code = probe.main([str(tmp_path / "nope.pt"), "--data", str(tmp_path / "data" / "val.yaml"),
-                       "--threads", str(torch.get_num_threads())])
+    code = probe.main([str(tmp_path / "nope.pt"), "--data", str(tmp_path / "data" / "val.yaml")])
     assert code == 2
     assert "checkpoint not found" in capsys.readouterr().err
