@@ -1,0 +1,135 @@
+"""The low-data study's numbers behind its hand-written reading, printed from a study folder.
+
+    .venv/bin/python benchmarks/study_details.py --out runs/study
+
+Reads ``results.jsonl`` and the runs' ``metrics.jsonl`` of a ``benchmarks/low_data_study.py``
+folder (or a copy of its kept export, ``benchmarks/results/study``, which has no pre-training
+runs) and prints, per (decoder, regime, arm):
+
+1. the final mask AP of each seed, and the per-seed difference to the ``full`` arm (mean ± std,
+   how many seeds are below it);
+2. the validation mask AP curve, mean over seeds, at every evaluated step;
+3. the fine-tuning training losses (dice, CE, mask BCE), mean over seeds, at steps 50, 200 and
+   the last logged step;
+4. per pre-training run (``pretrain/*/metrics.jsonl``, when present): the mean of the last four
+   logged training steps of the total, dice, focal and BCE losses.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from pipeline.errors import InputError
+from pipeline.splits import format_percent
+from stages.inspect_run import read_metrics
+from stages.run_logging import METRICS_FILE
+
+from low_data_study import ARMS, read_results  # noqa: E402  (sibling script)
+
+LOSS_STEPS = (50, 200)
+LOSS_KEYS = ("loss_dice", "loss_ce", "loss_bce")
+PRETRAIN_KEYS = ("loss", "loss_dice", "loss_focal", "loss_bce")
+LAST_LOGGED = 4
+
+
+def groups(records: list[dict]) -> dict[tuple, dict[int, dict]]:
+    """(decoder, regime, arm) -> seed -> record, in study order (decoder, regime, ARMS order)."""
+    out: dict[tuple, dict[int, dict]] = {}
+    for r in sorted(records, key=lambda r: (r["decoder"], float(r["regime"]),
+                                            list(ARMS).index(r["arm"]), int(r["seed"]))):
+        out.setdefault((r["decoder"], float(r["regime"]), r["arm"]), {})[int(r["seed"])] = r
+    return out
+
+
+def label(key: tuple) -> str:
+    decoder, regime, arm = key
+    return f"{decoder} {format_percent(regime)}% {arm}"
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:+.1f}" if values else "-"
+    return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f}"
+
+
+def per_seed_lines(grouped: dict[tuple, dict[int, dict]]) -> list[str]:
+    lines = ["final mask AP per seed; difference to `full` of the same seed"]
+    for key, by_seed in grouped.items():
+        aps = "  ".join(f"s{s} {100 * r['AP']:4.1f}" for s, r in by_seed.items())
+        full = grouped.get((key[0], key[1], "full"), {})
+        diffs = [100 * (r["AP"] - full[s]["AP"]) for s, r in by_seed.items() if s in full]
+        text = f"  {label(key):<28} {aps}"
+        if key[2] != "full" and diffs:
+            below = sum(d < 0 for d in diffs)
+            text += (f"   vs full: {' '.join(f'{d:+.1f}' for d in diffs)} = {mean_std(diffs)}"
+                     f" ({below}/{len(diffs)} below)")
+        lines.append(text)
+    return lines
+
+
+def mean_at(records: list[list[dict]], step: int, key: str) -> float | None:
+    values = [r[key] for run in records for r in run if r.get("kind") == "train"
+              and r["step"] == step and r.get(key) is not None]
+    return statistics.mean(values) if len(values) == len(records) else None
+
+
+def curve_and_loss_lines(out: Path, grouped: dict[tuple, dict[int, dict]]) -> list[str]:
+    curves = ["validation mask AP, mean over seeds, at each evaluated step"]
+    losses = [f"fine-tuning training losses ({', '.join(LOSS_KEYS)}), mean over seeds"]
+    for key, by_seed in grouped.items():
+        runs = [read_metrics(out / r["run"] / METRICS_FILE) for r in by_seed.values()]
+        evals = [{r["step"]: r.get("val/segm_AP") for r in run if r.get("kind") == "eval"}
+                 for run in runs]
+        steps = sorted(set.intersection(*(set(e) for e in evals)))
+        points = "  ".join(f"{s}:{100 * statistics.mean(e[s] for e in evals):.1f}" for s in steps
+                           if all(e[s] is not None for e in evals))
+        curves.append(f"  {label(key):<28} {points}")
+        last = min(max(r["step"] for r in run if r.get("kind") == "train") for run in runs)
+        parts = []
+        for step in (*LOSS_STEPS, last):
+            values = [mean_at(runs, step, k) for k in LOSS_KEYS]
+            shown = " / ".join("-" if v is None else f"{v:.2f}" for v in values)
+            parts.append(f"step {step}: {shown}")
+        losses.append(f"  {label(key):<28} " + "   ".join(parts))
+    return curves + [""] + losses
+
+
+def pretrain_lines(out: Path) -> list[str]:
+    runs = sorted((out / "pretrain").glob(f"*/{METRICS_FILE}"))
+    if not runs:
+        return [f"pre-training: no {out / 'pretrain'}/*/{METRICS_FILE} (not in a kept export)"]
+    lines = [f"pre-training losses, mean of the last {LAST_LOGGED} logged training steps "
+             f"({', '.join(PRETRAIN_KEYS)})"]
+    for path in runs:
+        train = [r for r in read_metrics(path) if r.get("kind") == "train"][-LAST_LOGGED:]
+        values = "  ".join(f"{k} {statistics.mean(r[k] for r in train):.2f}" for k in PRETRAIN_KEYS)
+        lines.append(f"  {path.parent.name:<24} steps {train[0]['step']}-{train[-1]['step']}: "
+                     f"{values}")
+    return lines
+
+
+def details(out: Path) -> str:
+    records = read_results(out)
+    if not records:
+        raise InputError("no results.jsonl with cells (is this a study folder?)", out)
+    grouped = groups(records)
+    return "\n".join([*per_seed_lines(grouped), "", *curve_and_loss_lines(out, grouped), "",
+                      *pretrain_lines(out)])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the study folder")
+    args = parser.parse_args(argv)
+    try:
+        print(details(args.out))
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
