@@ -38,7 +38,9 @@ data_app.add_typer(convert_app, name="convert")
 app.add_typer(inspect_app, name="inspect")
 
 ConfigOpt = typer.Option(None, "--config", help="YAML file of options; CLI options override it.")
-NoProgressOpt = typer.Option(False, "--no-progress", help="Hide progress bars.")
+NoProgressOpt = typer.Option(
+    False, "--no-progress",
+    help="No progress bars: plain progress lines, as printed where stderr is not a terminal.")
 
 
 def _version_callback(value: bool) -> None:

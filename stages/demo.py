@@ -76,8 +76,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     )
     done("propose (classical proposer: weight-free, no CLIP)")
 
-    data = DataSection(batch_size=cfg.batch_size, short_side=(112, 144), max_long_side=192,
-                       eval_short_side=128, num_workers=0, seed=cfg.seed)
+    data = demo_data_section(cfg)
     step("pretrain")
     run_pretrain(
         PretrainConfig(
@@ -114,20 +113,22 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         )
         reports[arm] = run_evaluate(
             EvaluateConfig(checkpoint=run_dir, data=data_dir / "val.yaml",
-                           out=out / f"evaluate_{arm}", short_side=128, max_long_side=192,
+                           out=out / f"evaluate_{arm}", short_side=data.eval_short_side,
+                           max_long_side=data.max_long_side,
                            batch_size=4),
             progress=progress,
         )
         run_predict(
             PredictConfig(checkpoint=run_dir, images=data_dir / "val.yaml",
-                          out=out / f"predict_{arm}", short_side=128, max_long_side=192,
+                          out=out / f"predict_{arm}", short_side=data.eval_short_side,
+                          max_long_side=data.max_long_side,
                           batch_size=4, overlays=True),
             progress=progress,
         )
         done(name)
 
     curves = {arm: ap_curve(out / f"finetune_{arm}" / METRICS_FILE) for arm in ARMS}
-    summary = compare_arms(reports, curves)
+    summary = {"seed": cfg.seed, **compare_arms(reports, curves)}
     plot_path = plot_ap_curves(curves, out / "ap_curves.png")
     print_comparison(summary)
     summary["timings_seconds"] = timings
@@ -142,6 +143,16 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         "and the effect of pre-training at toy scale, not CLIP quality."
     )
     return summary
+
+
+def demo_data_section(cfg: DemoConfig) -> DataSection:
+    """Batching and sizes for both training stages: scale jitter of the short side over
+    0.875-1.125x ``image_size``, evaluation at ``image_size``, long side capped at 1.5x."""
+    size = cfg.image_size
+    return DataSection(batch_size=cfg.batch_size, short_side=(round(0.875 * size),
+                                                              round(1.125 * size)),
+                       max_long_side=round(1.5 * size), eval_short_side=size, num_workers=0,
+                       seed=cfg.seed)
 
 
 def ap_curve(metrics_path: Path) -> list[tuple[int, float]]:
@@ -179,7 +190,7 @@ def compare_arms(reports: dict[str, dict], curves: dict[str, list]) -> dict:
 
 def print_comparison(summary: dict) -> None:
     table = Table(title="UPLVP demo: fine-tuning from pre-trained kernels vs from scratch "
-                        "(val mask AP, %)")
+                        f"(val mask AP, %, seed {summary['seed']})")
     for col in ("arm", "AP", "AP50", "AP75", "steps to reach scratch's final AP"):
         table.add_column(col, justify="right")
     for arm, row in summary["arms"].items():

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 
@@ -34,6 +33,7 @@ from pipeline.predictions import batch_to_coco_results, check_category_ids
 from pipeline.run_record import now_iso, write_run_record
 from pipeline.transforms import eval_config
 from stages.config import StageConfig
+from stages.progress import LoopProgress, ProgressMode, progress_mode
 from stages.training_setup import resolve_device
 from stages.train_checkpoint import latest_checkpoint
 from uplvp_model.checkpoint import read_checkpoint
@@ -146,28 +146,27 @@ def load_inference_model(checkpoint: Path, device: str) -> InferenceModel:
 def predict_results(model: nn.Module, batches: Iterable[dict], category_ids: Sequence[int], *,
                     device: str | torch.device, max_detections: int = 100,
                     score_threshold: float = 0.0, total: int | None = None,
-                    progress: bool = False) -> list[dict]:
+                    progress: ProgressMode = "off", label: str = "predict") -> list[dict]:
     """Run ``model`` over ``batches`` (contract batch dicts) and post-process to COCO results
     dicts (``pipeline.predictions.batch_to_coco_results``), in batch order.
 
     The model runs in eval mode under ``torch.inference_mode``; its previous train/eval mode
     is restored afterwards, so a training loop can call this for validation. ``total``: the
-    number of batches, for the progress bar.
+    number of batches, for the progress report; ``progress``: ``stages.progress`` mode (a bar
+    on a terminal, plain lines in a log, or nothing: ``"off"``, as in validation).
     """
     was_training = model.training
     model.eval()
     results: list[dict] = []
-    columns = (TextColumn("[bold]predict"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("batches"), TimeElapsedColumn())
+    mode = progress if total else "off"
     try:
-        with torch.inference_mode(), Progress(*columns, console=console,
-                                              disable=not progress) as bar:
-            task = bar.add_task("predict", total=total)
+        with torch.inference_mode(), LoopProgress(label, total or 0, "batches", console=console,
+                                                  mode=mode, rate_unit="images") as report:
             for batch in batches:
                 outputs = model(batch["images"].to(device))
                 results.extend(batch_to_coco_results(outputs, batch, category_ids,
                                                      max_detections, score_threshold))
-                bar.update(task, advance=1)
+                report.advance(1, secondary=int(batch["images"].shape[0]))
     finally:
         model.train(was_training)
     return results
@@ -176,14 +175,14 @@ def predict_results(model: nn.Module, batches: Iterable[dict], category_ids: Seq
 def evaluate_model(model: nn.Module, batches: Iterable[dict], coco_gt: dict,
                    category_ids: Sequence[int], *, device: str | torch.device,
                    max_detections: int = 100, score_threshold: float = 0.0,
-                   total: int | None = None, progress: bool = False
+                   total: int | None = None, progress: ProgressMode = "off"
                    ) -> tuple[dict, list[dict]]:
     """:func:`predict_results` then ``evaluate_predictions(coco_gt, results)``; returns
     ``(metrics, results)``. For in-training validation use
     ``pipeline.evaluation.flat_metrics(metrics, "val/")``."""
     results = predict_results(model, batches, category_ids, device=device,
                               max_detections=max_detections, score_threshold=score_threshold,
-                              total=total, progress=progress)
+                              total=total, progress=progress, label="evaluate")
     return evaluate_predictions(coco_gt, results), results
 
 
@@ -224,7 +223,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     metrics, results = evaluate_model(
         loaded.model, loader.make_batches(0), dataset.coco, loaded.category_ids, device=device,
         max_detections=cfg.max_detections, score_threshold=cfg.score_threshold,
-        total=loader.batches_per_epoch(), progress=progress)
+        total=loader.batches_per_epoch(), progress=progress_mode(progress))
     out = Path(cfg.out)
     write_json_atomic(out / PREDICTIONS_FILE, results)
     report = {

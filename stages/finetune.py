@@ -105,6 +105,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     try:
         result = train(
             model, loss_fn, loader.make_batches, train_cfg, cfg.out, resume=cfg.resume,
+            label="finetune",
             evaluate=validate if val_set is not None else None,
             extra_state={"stage": "finetune", "model_config": model_cfg.to_dict(),
                          "category_ids": category_ids, "stage_config": cfg.resolved()},

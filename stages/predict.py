@@ -27,6 +27,7 @@ from pipeline.run_record import now_iso, write_run_record
 from pipeline.transforms import eval_config
 from stages.config import StageConfig
 from stages.evaluate import PREDICTIONS_FILE, load_inference_model, predict_results
+from stages.progress import progress_mode
 from stages.training_setup import resolve_device
 
 console = Console(stderr=True)
@@ -144,7 +145,7 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     results = predict_results(
         loaded.model, _record_sizes(loader.make_batches(0), sizes), loaded.category_ids,
         device=device, max_detections=cfg.max_detections, score_threshold=cfg.score_threshold,
-        total=loader.batches_per_epoch(), progress=progress)
+        total=loader.batches_per_epoch(), progress=progress_mode(progress))
     out = Path(cfg.out)
     write_json_atomic(out / PREDICTIONS_FILE, results)
     images = [{"id": r.image_id, "file_name": r.file_name, "height": sizes[r.image_id][0],

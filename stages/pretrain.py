@@ -128,6 +128,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     try:
         result = train(
             prompted, loss_fn, loader.make_batches, train_cfg, cfg.out, resume=cfg.resume,
+            label="pretrain",
             extra_state={
                 "stage": "pretrain",
                 "model_config": model_cfg.to_dict(),

@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.errors import InputError
 from pipeline.executor import ExecutorConfig, run_shards
@@ -29,6 +28,7 @@ from pipeline.shards import (
     shard_status,
 )
 from stages.config import StageConfig
+from stages.progress import LoopProgress, progress_mode
 from stages.training_setup import resolve_device
 
 console = Console(stderr=True)
@@ -165,7 +165,7 @@ def run_propose(cfg: ProposeConfig, progress: bool = True) -> int:
 
     kwargs = worker_kwargs(cfg, images, run_hash)
     executor = ExecutorConfig(num_workers=cfg.num_workers, ray_address=cfg.ray_address)
-    summaries = _run_with_progress(todo, shards, kwargs, executor, progress)
+    summaries = _run_with_progress(todo, kwargs, executor, progress)
 
     failed = [s for s in summaries if not _succeeded(s, cfg.out, run_hash)]
     setup_errors = {s["setup_error"] for s in failed if "setup_error" in s}
@@ -228,28 +228,15 @@ def _guard_other_config(cfg: ProposeConfig, run_hash: str) -> None:
         )
 
 
-def _run_with_progress(todo, shards, worker_kwargs, executor, progress) -> list[dict]:
+def _run_with_progress(todo, worker_kwargs, executor, progress) -> list[dict]:
     from stages.propose_worker import ProposeShardWorker
 
     summaries: list[dict] = []
-    total_images = sum(shards[i].stop - shards[i].start for i in todo)
-    columns = (
-        TextColumn("[bold]propose"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("shards"),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-    )
-    t0 = time.perf_counter()
-    done_images = 0
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        task = bar.add_task("propose", total=len(todo), rate="")
+    with LoopProgress("propose", len(todo), "shards", console=console,
+                      mode=progress_mode(progress), rate_unit="images") as report:
         for summary in run_shards(todo, ProposeShardWorker, worker_kwargs, executor):
             summaries.append(summary)
-            done_images += summary.get("images", 0)
-            rate = done_images / max(time.perf_counter() - t0, 1e-9)
-            bar.update(task, advance=1, rate=f"{rate:.1f} img/s of {total_images}")
+            report.advance(1, secondary=summary.get("images", 0))
     return summaries
 
 

@@ -13,6 +13,12 @@ no-op). Each ``metrics.jsonl`` line is one JSON object with a ``kind``:
   ``action`` (``"skip"`` | ``"stop"``).
 
 TensorBoard events go to ``tensorboard/`` (scalars ``train/<key>`` and ``eval/<key>``).
+Progress: a rich bar where stderr is a terminal and ``progress`` is on; elsewhere (``| tee``, a
+Slurm or CI log, or ``progress=False``) every ``"train"`` and ``"eval"`` record is also printed
+as one plain line (detectron2's rhythm: one per ``log_every`` steps)::
+
+    finetune step 50/600: loss 21.6 (bce 0.1659 ce 3.225 dice 1.323), lr 5.00e-04, 0.171 s/step, data 6%, ETA 0:01:25
+    finetune eval step 50/600: segm_AP 0.0054, segm_AP50 0.0210, segm_AP75 0.0011
 On resume from step k, lines and events after step k (written by the interrupted run after its
 last checkpoint) are dropped, so both files read as one uninterrupted run.
 """
@@ -34,6 +40,7 @@ from rich.progress import (
 )
 
 from pipeline.atomic import write_text_atomic
+from stages.progress import format_duration
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -65,7 +72,8 @@ class RunLogger:
     """Writes metrics and drives the progress bar of one training run (see module docstring).
 
     ``start_step`` > 0 means a resumed run: later records of the previous run are dropped and
-    the progress bar starts at ``start_step`` of ``total_steps``.
+    the progress bar starts at ``start_step`` of ``total_steps``. ``label`` starts each plain
+    line (the stage's name).
     """
 
     def __init__(
@@ -78,9 +86,11 @@ class RunLogger:
         progress: bool,
         tensorboard: bool,
         console: Console | None = None,
+        label: str = "train",
     ) -> None:
         self.enabled = enabled
         self.console = console or Console(stderr=True)
+        self.label, self.total_steps, self.start_step = label, total_steps, start_step
         self._metrics = None
         self._writer = None
         self._progress: Progress | None = None
@@ -94,7 +104,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter  # imported only where used
 
             self._writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
-        if progress:
+        if progress and self.console.is_terminal:
             self._progress = Progress(
                 TextColumn("[bold]train[/bold]"),
                 BarColumn(),
@@ -131,6 +141,8 @@ class RunLogger:
                   for k, v in record.items()}
         self._metrics.write(json.dumps(finite) + "\n")
         self._metrics.flush()
+        if self._progress is None and record.get("kind") in ("train", "eval"):
+            self.message(self.plain_line(record))
         if self._writer is None:
             return
         for key, value in record.items():
@@ -138,6 +150,36 @@ class RunLogger:
                 continue
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def plain_line(self, record: dict[str, Any]) -> str:
+        """The one-line form of a ``"train"`` or ``"eval"`` record (module docstring): the
+        final layer's loss terms (aux layers are in metrics.jsonl), lr, s/step, share of time
+        waiting for data, and the ETA from this process's mean time per step so far
+        (evaluations included)."""
+        step = record["step"]
+        head = f"{self.label} {'eval ' if record['kind'] == 'eval' else ''}step {step}/{self.total_steps}"
+        if record["kind"] == "eval":
+            values = [(k.removeprefix("val/"), v) for k, v in record.items()
+                      if k not in ("kind", "step") and isinstance(v, (int, float))]
+            main = [(k, v) for k, v in values if k.endswith(("segm_AP", "segm_AP50", "segm_AP75"))]
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in (main or values[:4]))
+            return f"{head}: {shown or 'no metrics'}"
+        terms = " ".join(f"{k.removeprefix('loss_')} {_num(v)}" for k, v in sorted(record.items())
+                         if k.startswith("loss_") and "_aux" not in k and isinstance(v, float))
+        done = step - self.start_step
+        seconds = record.get("seconds")
+        eta = seconds / done * (self.total_steps - step) if done > 0 and seconds else None
+        parts = [f"loss {_num(record.get('loss'))}" + (f" ({terms})" if terms else "")]
+        if isinstance(record.get("lr"), float):
+            parts.append(f"lr {record['lr']:.2e}")
+        if isinstance(record.get("step_seconds"), float):
+            parts.append(f"{record['step_seconds']:.3f} s/step")
+        if isinstance(record.get("data_wait_share"), float):
+            parts.append(f"data {100 * record['data_wait_share']:.0f}%")
+        if isinstance(record.get("gpu_memory_gb"), float):
+            parts.append(f"mem {record['gpu_memory_gb']:.2f} GiB")
+        parts.append(f"ETA {format_duration(eta)}")
+        return f"{head}: {', '.join(parts)}"
 
     def close(self) -> None:
         """Stop the progress bar and close the files (safe to call twice)."""
@@ -150,3 +192,10 @@ class RunLogger:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+
+
+def _num(value: Any) -> str:
+    """A loss value with 4 significant digits (``nan`` / ``-`` when not finite / missing)."""
+    if not isinstance(value, (int, float)):
+        return "-"
+    return f"{value:.4g}" if math.isfinite(value) else "nan"

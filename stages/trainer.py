@@ -109,7 +109,9 @@ class TrainConfig(BaseModel):
     max_consecutive_nan: int = Field(
         10, ge=1, description="stop after this many skipped groups in a row")
     find_unused_parameters: bool = Field(False, description="DistributedDataParallel option")
-    progress: bool = Field(True, description="rich progress bar on rank 0")
+    progress: bool = Field(
+        True, description="rich progress bar on rank 0 where stderr is a terminal; elsewhere, "
+        "or when False, one plain line per metrics line")
     tensorboard: bool = Field(True, description="write TensorBoard events on rank 0")
 
     @model_validator(mode="after")
@@ -293,6 +295,7 @@ def train(
     resume: bool = False,
     evaluate: Evaluate | None = None,
     extra_state: dict[str, Any] | None = None,
+    label: str = "train",
 ) -> TrainResult:
     """Train ``model`` to ``cfg.max_steps`` optimizer steps, writing into ``out_dir``.
 
@@ -301,10 +304,11 @@ def train(
     directory that already holds checkpoints raises ``InputError``. ``evaluate(model, step)``
     runs on rank 0 (unwrapped model, eval mode, no grad) every ``eval_every`` steps and after
     the last step; its values go to the metrics. ``extra_state`` (plain values) is stored in
-    every checkpoint. Raises ``NonFiniteLossError`` when stopping on a non-finite loss.
+    every checkpoint. ``label`` names the run in its plain progress lines (the stage). Raises
+    ``NonFiniteLossError`` when stopping on a non-finite loss.
     """
     return _Run(model, loss_fn, make_batches, cfg, Path(out_dir), evaluate, extra_state or {},
-                resume).run()
+                resume, label).run()
 
 
 @dataclass
@@ -336,7 +340,7 @@ class _Run:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, make_batches: MakeBatches,
                  cfg: TrainConfig, out_dir: Path, evaluate: Evaluate | None,
-                 extra_state: dict[str, Any], resume: bool) -> None:
+                 extra_state: dict[str, Any], resume: bool, label: str = "train") -> None:
         self.model, self.loss_fn, self.make_batches = model, loss_fn, make_batches
         self.cfg, self.out_dir, self.evaluate, self.extra_state = cfg, out_dir, evaluate, extra_state
         self.info = distributed_info()
@@ -369,7 +373,8 @@ class _Run:
         self.groups_run = 0
         self.logger = RunLogger(
             out_dir, enabled=self.info.rank == 0, total_steps=cfg.max_steps,
-            start_step=self.position.step, progress=cfg.progress, tensorboard=cfg.tensorboard)
+            start_step=self.position.step, progress=cfg.progress, tensorboard=cfg.tensorboard,
+            label=label)
         for note in notes if self.info.rank == 0 else []:
             self.logger.message(note)
         self.started = time.perf_counter()

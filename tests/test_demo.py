@@ -1,9 +1,14 @@
 """`uplvp demo` end to end with toy budgets (the real budgets are the defaults)."""
 import json
+import re
 
 from typer.testing import CliRunner
 
 from stages.cli import app
+from stages.demo import DemoConfig, demo_data_section
+
+# what may differ between the two fine-tuning arms: where they start and where they write
+ARM_FIELDS = {"init", "out"}
 
 
 def test_demo_runs_every_stage_and_reports_both_arms(tmp_path):
@@ -14,18 +19,44 @@ def test_demo_runs_every_stage_and_reports_both_arms(tmp_path):
     )
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--config", str(config),
-                                      "--no-progress"])
+                                      "--seed", "3", "--no-progress"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "demo_summary.json").read_text())
+    assert summary["seed"] == 3
     assert set(summary["arms"]) == {"pretrained", "scratch"}
+    printed = {m.group(1): [float(x) for x in m.groups()[1:]] for m in re.finditer(
+        r"│\s+(pretrained|scratch) │\s+([\d.]+) │\s+([\d.]+) │\s+([\d.]+) │", result.output)}
+    assert set(printed) == {"pretrained", "scratch"}, result.output
+    configs = {}
     for arm, row in summary["arms"].items():
         assert row["final_step"] == 4
-        assert (out / f"evaluate_{arm}" / "metrics.json").is_file()
+        report = json.loads((out / f"evaluate_{arm}" / "metrics.json").read_text())
+        # the summary and the printed table are the evaluation reports' numbers
+        assert [row[k] for k in ("AP", "AP50", "AP75")] == [
+            report["segm"][k] for k in ("AP", "AP50", "AP75")]
+        assert printed[arm] == [round(100 * (report["segm"][k] or 0), 1)
+                                for k in ("AP", "AP50", "AP75")]
         assert list((out / f"predict_{arm}" / "overlays").glob("*.png"))
+        configs[arm] = json.loads((out / f"finetune_{arm}" / "stage.json").read_text())["config"]
+    ratio = summary["AP_ratio_pretrained_over_scratch"]
+    scratch_ap = summary["arms"]["scratch"]["AP"]
+    assert ratio == (summary["arms"]["pretrained"]["AP"] / scratch_ap if scratch_ap else None)
+    # identical fine-tuning settings: only the init and the output folder differ
+    pre, scratch = configs["pretrained"], configs["scratch"]
+    assert pre.keys() == scratch.keys()
+    assert {k for k in pre if pre[k] != scratch[k]} == ARM_FIELDS
+    assert scratch["init"] == "none" and pre["init"] == str(out / "pretrain")
+    assert pre["train"]["seed"] == 3 and pre["data"]["seed"] == 3
     assert (out / "ap_curves.png").stat().st_size > 1000
-    assert "pretrained" in result.output and "scratch" in result.output
     # rerunning resumes: every stage finds its outputs complete
     again = CliRunner().invoke(app, ["demo", "--out", str(out), "--config", str(config),
-                                     "--no-progress"])
+                                     "--seed", "3", "--no-progress"])
     assert again.exit_code == 0, again.output
     assert "running 0 shard(s)" in " ".join(again.output.split())
+
+
+def test_demo_image_sizes_follow_the_image_size():
+    data = demo_data_section(DemoConfig(image_size=160, seed=4))
+    assert data.short_side == (140, 180) and data.eval_short_side == 160
+    assert data.max_long_side == 240 and data.seed == 4
+    assert demo_data_section(DemoConfig(image_size=128)).short_side == (112, 144)
