@@ -49,6 +49,20 @@ def test_pairwise_costs_match_per_pair_loss_on_random_input():
     torch.testing.assert_close(pairwise_bce_cost(logits, targets), bce)
 
 
+def test_pairwise_bce_cost_on_large_logits_and_soft_targets():
+    # confident masks (|logit| up to 40) and resampled soft targets, against float64 per pair
+    torch.manual_seed(0)
+    logits = torch.randn(5, 300) * 15
+    logits[0, :10] = torch.tensor([-40.0, -20.0, -9.0, -1e-4, 0.0, 1e-4, 9.0, 20.0, 40.0, 17.0])
+    targets = torch.rand(4, 300)
+    targets[0] = (targets[0] > 0.5).float()
+    x, t = logits.double()[:, None], targets.double()[None]
+    reference = (t * torch.log1p(torch.exp(-x)) + (1 - t) * torch.log1p(torch.exp(x))).mean(-1)
+    cost = pairwise_bce_cost(logits, targets)
+    assert cost.dtype == torch.float32 and cost.shape == (5, 4)
+    torch.testing.assert_close(cost.double(), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_identity_cost_and_range_check():
     cost = identity_cost(torch.tensor([1, -1, 0]), 2)
     assert cost.tolist() == [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]
