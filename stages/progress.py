@@ -49,18 +49,22 @@ class LoopProgress:
     """Progress of a loop over ``total`` items named ``unit`` (see the module docstring).
 
     ``with LoopProgress("propose", 6, "shards", console=console) as p: p.advance(1, images=50)``;
-    ``images`` counts a secondary quantity whose rate is shown (``rate_unit``). Lines are
-    printed when the count crosses a multiple of :func:`line_every` (about 20 per run) and
-    after the last item.
+    ``images`` counts a secondary quantity whose rate is shown (``rate_unit``). A line is
+    printed when the count crosses a multiple of :func:`line_every` (about 20 per run) at
+    least ``min_seconds`` after the previous line, and after the last item: a loop of a few
+    seconds prints two lines, a long one about 20.
     """
 
     def __init__(self, label: str, total: int, unit: str, *, console: Console,
-                 mode: ProgressMode = "auto", rate_unit: str | None = None) -> None:
+                 mode: ProgressMode = "auto", rate_unit: str | None = None,
+                 min_seconds: float = 5.0) -> None:
         self.label, self.total, self.unit, self.rate_unit = label, total, unit, rate_unit
         self.console, self.mode = console, mode
         self.done = 0
         self.secondary = 0
         self.every = line_every(total)
+        self.min_seconds = min_seconds
+        self._last_line: float | None = None
         self._bar: Progress | None = None
         self._task = None
         self._started = time.perf_counter()
@@ -96,8 +100,10 @@ class LoopProgress:
         if self.mode == "off":
             return
         crossed = self.done // self.every > before // self.every
-        if not (crossed or self.done >= self.total):
+        spaced = self._last_line is None or elapsed - self._last_line >= self.min_seconds
+        if not (self.done >= self.total or (crossed and spaced)):
             return
+        self._last_line = elapsed
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         extra = f", {self.secondary} {self.rate_unit}" if self.rate_unit else ""
         eta = elapsed / self.done * (self.total - self.done) if self.done else None

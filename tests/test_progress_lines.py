@@ -31,7 +31,8 @@ def test_format_duration_and_rhythm():
 def test_loop_progress_prints_about_twenty_lines_then_the_last():
     console, buffer = piped_console()
     assert not console.is_terminal
-    with LoopProgress("propose", 45, "shards", console=console, rate_unit="images") as report:
+    with LoopProgress("propose", 45, "shards", console=console, rate_unit="images",
+                      min_seconds=0) as report:
         for _ in range(45):
             report.advance(1, secondary=10)
     lines = buffer.getvalue().splitlines()
@@ -39,6 +40,18 @@ def test_loop_progress_prints_about_twenty_lines_then_the_last():
     assert done == [3 * k for k in range(1, 16)]  # every 3 = ceil(45 / 20); 45 is the last
     assert re.fullmatch(r"propose: 45/45 shards \(100%\), 450 images, [\d.]+ images/s, "
                         r"elapsed \d:\d\d:\d\d, ETA 0:00:00", lines[-1])
+
+
+def test_loop_progress_spaces_lines_in_time(monkeypatch):
+    clock = iter(float(t) for t in range(100))  # one second per call of perf_counter
+    monkeypatch.setattr("stages.progress.time.perf_counter", lambda: next(clock))
+    console, buffer = piped_console()
+    with LoopProgress("evaluate", 40, "batches", console=console, min_seconds=5) as report:
+        for _ in range(40):
+            report.advance()
+    done = [int(line.split()[1].split("/")[0]) for line in buffer.getvalue().splitlines()]
+    # every 2 batches by count; the first line at once, then >= 5 s apart, and the last
+    assert done == [2, 8, 14, 20, 26, 32, 38, 40]
 
 
 def test_loop_progress_off_prints_nothing():
