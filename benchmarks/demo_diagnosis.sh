@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Why `uplvp demo` at its former settings (until 2026-12-02) gave the pre-trained arm less AP than
-# scratch (docs/demo.md): that demo once more, then fine-tuning runs that keep only parts of the
-# pre-trained model (init_skip re-initialises the rest), then both probes on all of them.
+# scratch (docs/demo.md): that demo once more; fine-tuning runs that keep only parts of the
+# pre-trained model (init_skip re-initialises the rest); the same pre-training without prompt
+# injection and its fine-tuning; then both probes on all of them.
 #
-#   bash benchmarks/demo_diagnosis.sh runs/demo_diagnosis    # ~15 min on 2 cores; resumes
+#   bash benchmarks/demo_diagnosis.sh runs/demo_diagnosis    # ~20 min on 2 cores; resumes
 #
 # Prints the probes' tables (kept in benchmarks/results/demo_diagnosis.txt); the runs' logs
 # are in the output folder.
@@ -27,6 +28,7 @@ eval_every: 50
 batch_size: 8
 pretrain_lr: 0.0005
 finetune_lr: 0.0005
+prompt: {inject: true}
 EOF
 echo "former demo (seed 0) -> $OUT/demo" >&2
 "$UPLVP" demo --config "$OUT/former_demo.yaml" --seed 0 --out "$OUT/demo" --no-progress \
@@ -50,8 +52,27 @@ EOF
     runs+=("$OUT/$name")
 done
 
+# the former demo's pre-training with prompt injection off, fine-tuned as the pre-trained arm
+"$PY" - "$OUT" <<'EOF'
+import json, sys, yaml
+out = sys.argv[1]
+pretrain = json.load(open(f"{out}/demo/pretrain/stage.json"))["config"]
+pretrain.update(out=f"{out}/pretrain-no-inject", resume=True)
+pretrain["prompt"]["inject"] = False
+yaml.safe_dump(pretrain, open(f"{out}/pretrain-no-inject.yaml", "w"))
+finetune = json.load(open(f"{out}/demo/finetune_pretrained/stage.json"))["config"]
+finetune.update(out=f"{out}/no-inject", init=f"{out}/pretrain-no-inject", resume=True)
+yaml.safe_dump(finetune, open(f"{out}/no-inject.yaml", "w"))
+EOF
+echo "pre-train without prompt injection, fine-tune from it" >&2
+"$UPLVP" stage pretrain --config "$OUT/pretrain-no-inject.yaml" --no-progress \
+    > "$OUT/pretrain-no-inject.log" 2>&1
+"$UPLVP" stage finetune --config "$OUT/no-inject.yaml" --no-progress > "$OUT/no-inject.log" 2>&1
+runs+=("$OUT/no-inject")
+
 echo "# bash benchmarks/demo_diagnosis.sh $OUT   ($(date -u +%F), commit $(git rev-parse --short HEAD))"
-"$PY" benchmarks/pretrain_probe.py "$OUT/demo/pretrain" --data "$OUT/demo/data/val.yaml" \
+"$PY" benchmarks/pretrain_probe.py "$OUT/demo/pretrain" "$OUT/pretrain-no-inject" \
+    --data "$OUT/demo/data/val.yaml" --train "$OUT/demo/data/train.yaml" \
     --short-side 128 --max-long-side 192 --threads 2
 echo
 "$PY" benchmarks/finetune_probe.py "$OUT/demo/finetune_pretrained" "$OUT/demo/finetune_scratch" \

@@ -453,9 +453,10 @@ def data_check(manifest: Path = typer.Argument(..., help="Manifest YAML to valid
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default demo_run)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default 0)."),
-    pretrain_steps: Optional[int] = typer.Option(None, help="Pre-training steps (default 1000)."),
+    pretrain_steps: Optional[int] = typer.Option(
+        None, help="Pre-training steps (default: docs/demo.md)."),
     finetune_steps: Optional[int] = typer.Option(
-        None, help="Fine-tuning steps of each arm (default 600)."),
+        None, help="Fine-tuning steps of each arm (default: docs/demo.md)."),
     propose_workers: Optional[int] = typer.Option(
         None, help="Ray actors for propose (default 2; 0: no Ray)."),
     config: Optional[Path] = ConfigOpt,

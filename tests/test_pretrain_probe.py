@@ -118,3 +118,50 @@ def test_main_refuses_a_missing_checkpoint(tmp_path, capsys):
     code = probe.main([str(tmp_path / "nope.pt"), "--data", str(tmp_path / "data" / "val.yaml")])
     assert code == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_linear_probe_finds_a_planted_category_direction_and_nothing_in_noise():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 4
+    noise = torch.randn(200, 6, generator=generator, dtype=torch.float64)
+    planted = noise.clone()
+    planted[:, :4] += 3.0 * torch.nn.functional.one_hot(labels, 4)  # category in dims 0-3
+    train, test = slice(0, 120), slice(120, 200)
+    accuracy = probe.linear_probe_accuracy(planted[train], labels[train], planted[test],
+                                           labels[test], 4)
+    assert accuracy > 0.95
+    chance = probe.linear_probe_accuracy(noise[train], labels[train], noise[test], labels[test], 4)
+    assert chance < 0.45  # 4 classes: 0.25 expected
+
+
+def test_main_with_train_adds_the_category_probe(tmp_path, capsys):
+    write_synth_dataset(tmp_path / "data", seed=0, num_unlabeled=0, num_train=3, num_val=3,
+                        image_size=64, progress=False)
+    write_pretrain_checkpoint(tmp_path / "p.pt")
+    data = tmp_path / "data"
+    assert probe.main([str(tmp_path / "p.pt"), "--data", str(data / "val.yaml"), "--train",
+                       str(data / "train.yaml"), "--short-side", "64", "--no-scratch"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1].startswith("catacc: category probe fitted on") and "chance 0.125" in lines[1]
+    assert lines[2].split()[-2:] == ["catacc", "s"]
+    accuracy = float(lines[3].split()[-2])
+    assert 0.0 <= accuracy <= 1.0
+
+
+def test_pooled_mask_features_average_under_each_mask(tmp_path):
+    write_synth_dataset(tmp_path / "data", seed=1, num_unlabeled=0, num_train=1, num_val=2,
+                        image_size=64, progress=False)
+    from pipeline.manifest import load_manifest
+
+    class Constant(torch.nn.Module):  # mask_features = image id in every pixel and channel
+        def extract_features(self, images):
+            return {"mask_features": torch.ones(images.shape[0], 3, 16, 16)
+                    * torch.arange(images.shape[0]).view(-1, 1, 1, 1)}
+
+    dataset = load_manifest(tmp_path / "data" / "val.yaml")
+    features, labels = probe.pooled_mask_features(Constant(), dataset, 64, 96, batch_size=2)
+    per_image = [sum(1 for a in dataset.coco["annotations"] if a["image_id"] == img.image_id)
+                 for img in dataset.images]
+    expected = torch.cat([torch.full((n, 3), float(i)) for i, n in enumerate(per_image)])
+    torch.testing.assert_close(features, expected.double())
+    assert labels.shape == (sum(per_image),)
