@@ -51,6 +51,7 @@ class DemoConfig(SynthConfig):
         preset="tiny", overrides={"hidden_dim": 64, "num_kernels": 20, "ffn_dim": 128}
     )
     prompt: PromptSection = PromptSection(inject=False)
+    overlay_score_threshold: float = 0.25  # toy-scale models score below predict's 0.5
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
@@ -129,7 +130,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
             PredictConfig(checkpoint=run_dir, images=data_dir / "val.yaml",
                           out=out / f"predict_{arm}", short_side=data.eval_short_side,
                           max_long_side=data.max_long_side,
-                          batch_size=4, overlays=True),
+                          score_threshold=cfg.overlay_score_threshold, batch_size=4,
+                          overlays=True),
             progress=progress,
         )
         done(name)
@@ -145,7 +147,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                      inputs={}, counts=summary, started_at=started)
     console.print(
         f"demo finished in {summary['seconds']} s. Table: {out / 'demo_summary.json'}; AP "
-        f"curves: {plot_path}; overlays: {out}/predict_*/overlays/. The pseudo masks come from "
+        f"curves: {plot_path}; overlays (score > {cfg.overlay_score_threshold}): "
+        f"{out}/predict_*/overlays/. The pseudo masks come from "
         "the weight-free classical proposer on synthetic data: this demo shows the pipeline "
         "and the effect of pre-training at toy scale, not CLIP quality."
     )
