@@ -57,8 +57,8 @@ def seed_line(seed: int, summary: dict) -> tuple[str, bool]:
     reach_text = f"{reach} of {final} ({100 * share:.0f}%)" if share is not None else "never"
     ratio_text = f"{ratio:.2f}" if ratio is not None else "-"
     line = (f"{seed:>4}  {seconds:7.1f}  {100 * (pre['AP'] or 0):6.1f}  "
-            f"{100 * (scratch['AP'] or 0):6.1f}  {ratio_text:>5}  {reach_text:>17}  "
-            f"{'yes' if ok else 'NO'}")
+            f"{100 * (scratch['AP'] or 0):6.1f}  {ratio_text:>5}  {reach_text:>26}  "
+            f"{'yes' if ok else 'NO':>7}")
     return line, ok
 
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# uplvp demo per seed (targets: AP ratio >= {RATIO_TARGET}, scratch's final AP "
           f"reached within <= {100 * REACH_TARGET:.0f}% of the fine-tuning steps, "
           f"<= {SECONDS_TARGET:.0f} s)")
-    print("seed  seconds  pre AP  scr AP  ratio  pre reaches scr's final AP  targets")
+    print(f"seed  seconds  pre AP  scr AP  ratio  {'pre reaches scr final AP at':>26}  targets")
     all_ok = True
     for seed in args.seeds:
         line, ok = seed_line(seed, run_seed(seed, args.out / f"seed-{seed}", args.demo_args))
