@@ -53,10 +53,23 @@ def run_shards(
 
 
 def _run_on_ray(shard_indices, worker_cls, worker_kwargs, config: ExecutorConfig):
+    """Run the shards on Ray; a Ray this call started (local processes, or a connection to a
+    cluster) is shut down when the shards are done, so the caller's later work (the demo's
+    training) does not share the CPUs with idle Ray processes."""
+    import ray
+
+    started = ensure_ray(config.ray_address)
+    try:
+        yield from _run_on_ray_started(shard_indices, worker_cls, worker_kwargs, config)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_on_ray_started(shard_indices, worker_cls, worker_kwargs, config: ExecutorConfig):
     import ray
     from ray.data import DataContext
 
-    ensure_ray(config.ray_address)
     resources = ray.cluster_resources()
     total_cpus = float(resources.get("CPU", 1.0))
     has_gpu = resources.get("GPU", 0) > 0
@@ -131,18 +144,20 @@ def cpus_per_worker(total_cpus: float, num_workers: int) -> float:
     return max(0.1, round((total_cpus - 0.5) / num_workers, 2))
 
 
-def ensure_ray(address: str | None) -> None:
-    """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray, unless already up."""
+def ensure_ray(address: str | None) -> bool:
+    """Join ``address`` (or ``$RAY_ADDRESS``), else start a local Ray, unless already up.
+    Returns whether this call connected (the caller then disconnects with ``ray.shutdown``)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if address is None:
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     else:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    return True
 
 
 class _RayShardActor:

@@ -41,8 +41,8 @@ class DemoConfig(SynthConfig):
 
     out: Path = Path("demo_run")
     propose_workers: int = 2
-    pretrain_steps: int = 1000
-    finetune_steps: int = 500
+    pretrain_steps: int = 1300
+    finetune_steps: int = 400
     eval_every: int = 50
     batch_size: int = 8
     pretrain_lr: float = 1e-3
