@@ -60,3 +60,16 @@ def test_demo_image_sizes_follow_the_image_size():
     assert data.short_side == (140, 180) and data.eval_short_side == 160
     assert data.max_long_side == 240 and data.seed == 4
     assert demo_data_section(DemoConfig(image_size=128)).short_side == (112, 144)
+
+
+def test_demo_help_states_the_config_defaults():
+    # the help (and docs/cli.md, generated from it) quotes DemoConfig's budgets
+    from pathlib import Path
+
+    cli_md = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    section = cli_md.split("## `uplvp demo`")[1].split("\n## ")[0]
+    defaults = DemoConfig()
+    assert f"`--pretrain-steps <int>`: Pre-training steps (default {defaults.pretrain_steps})." \
+        in section
+    assert (f"`--finetune-steps <int>`: Fine-tuning steps of each arm "
+            f"(default {defaults.finetune_steps}).") in section
