@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, UnreadableImage
 from pipeline.transforms import Sample, mask_boxes_xyxy, normalize_image, padded_size
 
 
@@ -114,6 +114,11 @@ class BatchLoader:
             that may be short or empty; an empty slice is not yielded.
         num_workers: DataLoader worker processes (0: build batches in this process).
         rank, world_size: this process's place; None takes them from ``torch.distributed``.
+        skip_unreadable: a sample whose image cannot be decoded (the source raises
+            :class:`~pipeline.errors.UnreadableImage`) is left out of its batch and listed in
+            the batch's ``unreadable`` (``[{"image_id", "file_name", "error"}]``); a batch
+            whose every image failed has ``image_ids == []`` and no ``images``. Off: the
+            error stops the loop (training).
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class BatchLoader:
         num_workers: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
+        skip_unreadable: bool = False,
     ) -> None:
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
@@ -154,6 +160,7 @@ class BatchLoader:
         self.num_workers = num_workers
         self.rank = rank
         self.world_size = world_size
+        self.skip_unreadable = skip_unreadable
 
     @property
     def per_rank_batch_size(self) -> int:
@@ -181,7 +188,7 @@ class BatchLoader:
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         units = [u for u in self.rank_batches(epoch)[start_batch:] if u]
-        build = _BatchBuilder(self.source, self.seed, epoch)
+        build = _BatchBuilder(self.source, self.seed, epoch, self.skip_unreadable)
         if self.num_workers == 0 or len(units) <= 1:
             return (build(unit) for unit in units)
         loader = DataLoader(
@@ -197,13 +204,25 @@ class BatchLoader:
 class _BatchBuilder:
     """Picklable ``indices -> batch`` of one epoch (used in this process or in a worker)."""
 
-    def __init__(self, source: SampleSource, seed: int, epoch: int) -> None:
+    def __init__(self, source: SampleSource, seed: int, epoch: int,
+                 skip_unreadable: bool = False) -> None:
         self.source, self.seed, self.epoch = source, seed, epoch
+        self.skip_unreadable = skip_unreadable
 
     def __call__(self, indices: Sequence[int]) -> dict:
-        return collate(
-            [self.source.load(i, sample_rng(self.seed, self.epoch, i)) for i in indices]
-        )
+        if not self.skip_unreadable:
+            return collate(
+                [self.source.load(i, sample_rng(self.seed, self.epoch, i)) for i in indices]
+            )
+        samples, unreadable = [], []
+        for i in indices:
+            try:
+                samples.append(self.source.load(i, sample_rng(self.seed, self.epoch, i)))
+            except UnreadableImage as err:
+                unreadable.append(err.record())
+        batch = collate(samples) if samples else {"image_ids": []}
+        batch["unreadable"] = unreadable
+        return batch
 
 
 class _BatchStream(IterableDataset):

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.batching import BatchLoader, order_rng
 from pipeline.coco import annotation_to_mask
-from pipeline.errors import InputError
+from pipeline.errors import InputError, UnreadableImage
 from pipeline.images import ImageReadError, read_image_rgb
 from pipeline.manifest import Dataset
 from pipeline.transforms import AugmentConfig, Sample, augment, eval_config
@@ -101,7 +101,8 @@ class CocoDataset:
         try:
             image = read_image_rgb(record.path)
         except ImageReadError as err:
-            raise InputError(f"image cannot be read: {err}", record.path) from None
+            raise UnreadableImage(str(err), record.path, record.image_id,
+                                  record.file_name) from None
         h, w = image.shape[:2]
         if record.height is not None and (record.height, record.width) != (h, w):
             raise InputError(
@@ -148,14 +149,18 @@ def eval_loader(
     num_workers: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
+    skip_unreadable: bool = False,
 ) -> BatchLoader:
     """The evaluation loader: every image in manifest order, ``resize`` (use a config without
     jitter or flip), last partial batch kept; with W ranks each global batch is split in W
-    slices and a rank's empty slice at the end is not yielded."""
+    slices and a rank's empty slice at the end is not yielded. ``skip_unreadable``: an image
+    that cannot be decoded is left out of its batch and listed in ``batch["unreadable"]``
+    (``pipeline.batching``) instead of stopping the loop."""
     if resize.short_side[0] != resize.short_side[1] or resize.flip_prob != 0.0:
         raise InputError(f"evaluation needs a fixed resize without flip, got {resize}")
     source = CocoDataset(dataset, augment_config=resize, category_map=category_map)
     return BatchLoader(
         source, batch_size, seed=0, shuffle=False, drop_last=False,
         num_workers=num_workers, rank=rank, world_size=world_size,
+        skip_unreadable=skip_unreadable,
     )

@@ -25,7 +25,7 @@ import contextlib
 import copy
 import io
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -54,6 +54,18 @@ def ground_truth_coco(coco_gt: dict) -> COCO:
             ann.setdefault("area", float(mask_utils.area(rle)))
             ann.setdefault("bbox", [float(v) for v in mask_utils.toBbox(rle)])
     return gt
+
+
+def without_images(coco_gt: dict, image_ids: Iterable[int]) -> dict:
+    """``coco_gt`` (a COCO instances dict) without the images ``image_ids`` and their
+    annotations: the ground truth of the images an evaluation could read."""
+    drop = {int(i) for i in image_ids}
+    if not drop:
+        return coco_gt
+    return {**coco_gt,
+            "images": [im for im in coco_gt["images"] if int(im["id"]) not in drop],
+            "annotations": [a for a in coco_gt.get("annotations", [])
+                            if int(a["image_id"]) not in drop]}
 
 
 def check_results(gt: COCO, results: Sequence[dict]) -> None:

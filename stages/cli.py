@@ -232,13 +232,15 @@ def stage_evaluate(
     config: Optional[Path] = ConfigOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
-    """COCO mask AP (and box AP) of a checkpoint on a labeled manifest."""
-    from stages.evaluate import EvaluateConfig, run_evaluate
+    """COCO mask AP (and box AP) of a checkpoint on a labeled manifest (exit 1: some images
+    could not be read; they are listed and left out of the scores)."""
+    from stages.evaluate import EXIT_SOME_IMAGES_UNREADABLE, EvaluateConfig, run_evaluate
 
     cfg = load_config(EvaluateConfig, config, dict(
         checkpoint=checkpoint, data=data, out=out, batch_size=batch_size, short_side=short_side,
         score_threshold=score_threshold, max_detections=max_detections, device=device))
-    run_evaluate(cfg, progress=not no_progress)
+    if run_evaluate(cfg, progress=not no_progress)["unreadable"]:
+        raise typer.Exit(EXIT_SOME_IMAGES_UNREADABLE)
 
 
 @app.command("predict")
@@ -256,13 +258,16 @@ def predict(
     config: Optional[Path] = ConfigOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
-    """Inference on new images: COCO results JSON and optional overlays."""
+    """Inference on new images: COCO results JSON and optional overlays (exit 1: some images
+    could not be read; the others are predicted, the failed listed in OUT/unreadable.json)."""
+    from stages.evaluate import EXIT_SOME_IMAGES_UNREADABLE
     from stages.predict import PredictConfig, run_predict
 
     cfg = load_config(PredictConfig, config, dict(
         checkpoint=checkpoint, images=images, out=out, batch_size=batch_size,
         short_side=short_side, score_threshold=score_threshold, overlays=overlays, device=device))
-    run_predict(cfg, progress=not no_progress)
+    if run_predict(cfg, progress=not no_progress)["num_unreadable"]:
+        raise typer.Exit(EXIT_SOME_IMAGES_UNREADABLE)
 
 
 @inspect_app.command("masks")

@@ -27,7 +27,7 @@ from torch import nn
 from pipeline.atomic import write_json_atomic
 from pipeline.coco_dataset import eval_loader
 from pipeline.errors import InputError
-from pipeline.evaluation import evaluate_predictions
+from pipeline.evaluation import evaluate_predictions, without_images
 from pipeline.manifest import load_manifest
 from pipeline.predictions import batch_to_coco_results, check_category_ids
 from pipeline.run_record import now_iso, write_run_record
@@ -45,6 +45,8 @@ console = Console(stderr=True)
 METRICS_FORMAT_VERSION = 1
 PREDICTIONS_FILE = "predictions.json"
 METRICS_FILE = "metrics.json"
+EXIT_SOME_IMAGES_UNREADABLE = 1  # evaluate / predict: done, but some images could not be read
+UNREADABLE_SHOWN = 10  # unreadable images listed on the terminal (all are in the outputs)
 
 
 class EvaluateConfig(StageConfig):
@@ -146,9 +148,13 @@ def load_inference_model(checkpoint: Path, device: str) -> InferenceModel:
 def predict_results(model: nn.Module, batches: Iterable[dict], category_ids: Sequence[int], *,
                     device: str | torch.device, max_detections: int = 100,
                     score_threshold: float = 0.0, total: int | None = None,
-                    progress: ProgressMode = "off", label: str = "predict") -> list[dict]:
+                    progress: ProgressMode = "off", label: str = "predict",
+                    unreadable: list[dict] | None = None) -> list[dict]:
     """Run ``model`` over ``batches`` (contract batch dicts) and post-process to COCO results
     dicts (``pipeline.predictions.batch_to_coco_results``), in batch order.
+
+    Images a ``skip_unreadable`` loader left out (``batch["unreadable"]``) are appended to
+    ``unreadable`` when given; a batch without images is passed over.
 
     The model runs in eval mode under ``torch.inference_mode``; its previous train/eval mode
     is restored afterwards, so a training loop can call this for validation. ``total``: the
@@ -163,10 +169,13 @@ def predict_results(model: nn.Module, batches: Iterable[dict], category_ids: Seq
         with torch.inference_mode(), LoopProgress(label, total or 0, "batches", console=console,
                                                   mode=mode, rate_unit="images") as report:
             for batch in batches:
-                outputs = model(batch["images"].to(device))
-                results.extend(batch_to_coco_results(outputs, batch, category_ids,
-                                                     max_detections, score_threshold))
-                report.advance(1, secondary=int(batch["images"].shape[0]))
+                if unreadable is not None:
+                    unreadable.extend(batch.get("unreadable", []))
+                if batch["image_ids"]:
+                    outputs = model(batch["images"].to(device))
+                    results.extend(batch_to_coco_results(outputs, batch, category_ids,
+                                                         max_detections, score_threshold))
+                report.advance(1, secondary=len(batch["image_ids"]))
     finally:
         model.train(was_training)
     return results
@@ -175,15 +184,22 @@ def predict_results(model: nn.Module, batches: Iterable[dict], category_ids: Seq
 def evaluate_model(model: nn.Module, batches: Iterable[dict], coco_gt: dict,
                    category_ids: Sequence[int], *, device: str | torch.device,
                    max_detections: int = 100, score_threshold: float = 0.0,
-                   total: int | None = None, progress: ProgressMode = "off"
-                   ) -> tuple[dict, list[dict]]:
+                   total: int | None = None, progress: ProgressMode = "off",
+                   unreadable: list[dict] | None = None) -> tuple[dict, list[dict]]:
     """:func:`predict_results` then ``evaluate_predictions(coco_gt, results)``; returns
-    ``(metrics, results)``. For in-training validation use
-    ``pipeline.evaluation.flat_metrics(metrics, "val/")``."""
+    ``(metrics, results)``. Images the loader could not read (listed in ``unreadable``, see
+    :func:`predict_results`) are left out of the ground truth as well. For in-training
+    validation use ``pipeline.evaluation.flat_metrics(metrics, "val/")``."""
+    skipped: list[dict] = [] if unreadable is None else unreadable
     results = predict_results(model, batches, category_ids, device=device,
                               max_detections=max_detections, score_threshold=score_threshold,
-                              total=total, progress=progress, label="evaluate")
-    return evaluate_predictions(coco_gt, results), results
+                              total=total, progress=progress, label="evaluate",
+                              unreadable=skipped)
+    gt = without_images(coco_gt, (r["image_id"] for r in skipped))
+    if skipped and not gt["images"]:
+        raise InputError(f"none of the {len(skipped)} images could be read (first: "
+                         f"{skipped[0]['file_name']}: {skipped[0]['error']})")
+    return evaluate_predictions(gt, results), results
 
 
 def check_categories_match(dataset_categories: Sequence[dict], category_ids: Sequence[int],
@@ -217,13 +233,15 @@ def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     loader = eval_loader(dataset, cfg.batch_size,
                          resize=eval_config(cfg.short_side, cfg.max_long_side),
                          category_map=loaded.category_ids, num_workers=cfg.num_workers,
-                         rank=0, world_size=1)
+                         rank=0, world_size=1, skip_unreadable=True)
     console.print(f"evaluate: {len(dataset.images)} images of {dataset.name}, checkpoint "
                   f"{loaded.checkpoint} (step {loaded.step}), device {device}")
+    unreadable: list[dict] = []
     metrics, results = evaluate_model(
         loaded.model, loader.make_batches(0), dataset.coco, loaded.category_ids, device=device,
         max_detections=cfg.max_detections, score_threshold=cfg.score_threshold,
-        total=loader.batches_per_epoch(), progress=progress_mode(progress))
+        total=loader.batches_per_epoch(), progress=progress_mode(progress),
+        unreadable=unreadable)
     out = Path(cfg.out)
     write_json_atomic(out / PREDICTIONS_FILE, results)
     report = {
@@ -235,17 +253,36 @@ def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
         "settings": {k: getattr(cfg, k) for k in ("batch_size", "short_side", "max_long_side",
                                                   "score_threshold", "max_detections")},
         **metrics,
+        "unreadable": unreadable,
     }
     write_json_atomic(out / METRICS_FILE, report, indent=2)
     write_run_record(
         out, stage="evaluate", config=cfg.resolved(), config_hash=cfg.config_hash(),
         inputs={"checkpoint": str(loaded.checkpoint), "data": str(cfg.data)},
-        counts={"images": metrics["num_images"], "predictions": metrics["num_predictions"],
+        counts={"images": metrics["num_images"], "images_unreadable": len(unreadable),
+                "predictions": metrics["num_predictions"],
                 "seconds": round(time.perf_counter() - t0, 2)},
         started_at=started,
     )
     print_metrics(report)
+    report_unreadable(unreadable, len(dataset.images), "evaluate", out / METRICS_FILE,
+                      "left out of the scores")
     return report
+
+
+def report_unreadable(unreadable: Sequence[dict], num_images: int, stage: str, listed_in: Path,
+                      consequence: str, out: Console | None = None) -> None:
+    """One line per unreadable image (the first :data:`UNREADABLE_SHOWN`) and a total line;
+    nothing when every image was read."""
+    if not unreadable:
+        return
+    out = out or console
+    out.print(f"{stage}: {len(unreadable)} of {num_images} images could not be read, "
+              f"{consequence} (all listed in {listed_in}):", highlight=False)
+    for row in unreadable[:UNREADABLE_SHOWN]:
+        out.print(f"  {row['file_name']}: {row['error']}", highlight=False)
+    if len(unreadable) > UNREADABLE_SHOWN:
+        out.print(f"  ... and {len(unreadable) - UNREADABLE_SHOWN} more", highlight=False)
 
 
 def print_metrics(report: dict, out: Console | None = None) -> None:

@@ -26,13 +26,15 @@ from pipeline.manifest import IMAGE_EXTENSIONS, Dataset, ImageRecord, load_manif
 from pipeline.run_record import now_iso, write_run_record
 from pipeline.transforms import eval_config
 from stages.config import StageConfig
-from stages.evaluate import PREDICTIONS_FILE, load_inference_model, predict_results
+from stages.evaluate import (PREDICTIONS_FILE, load_inference_model, predict_results,
+                             report_unreadable)
 from stages.progress import progress_mode
 from stages.training_setup import resolve_device
 
 console = Console(stderr=True)
 
 IMAGES_FILE = "images.json"
+UNREADABLE_FILE = "unreadable.json"
 OVERLAY_DIR = "overlays"
 OVERLAY_ALPHA = 0.5
 
@@ -106,12 +108,16 @@ def overlay_name(file_name: str) -> str:
     return Path(file_name).with_suffix(".png").as_posix().replace("/", "__")
 
 
-def write_overlays(dataset: Dataset, results: list[dict], out_dir: Path) -> int:
-    """One overlay PNG per image of ``dataset`` into ``out_dir``; returns how many."""
+def write_overlays(dataset: Dataset, results: list[dict], out_dir: Path,
+                   skip: Iterable[int] = ()) -> int:
+    """One overlay PNG per image of ``dataset`` (except the image ids in ``skip``) into
+    ``out_dir``; returns how many."""
     by_image: dict[int, list[dict]] = defaultdict(list)
     for res in results:
         by_image[res["image_id"]].append(res)
-    for record in dataset.images:
+    skipped = set(skip)
+    records = [r for r in dataset.images if r.image_id not in skipped]
+    for record in records:
         try:
             image = read_image_rgb(record.path)
         except ImageReadError as err:
@@ -121,12 +127,14 @@ def write_overlays(dataset: Dataset, results: list[dict], out_dir: Path) -> int:
         if not ok:
             raise RuntimeError(f"PNG encoding failed for {record.path}")
         write_bytes_atomic(out_dir / overlay_name(record.file_name), png.tobytes())
-    return len(dataset.images)
+    return len(records)
 
 
 def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
-    """Run the command; returns ``{"predictions": path, "images": path, "overlays": folder or
-    None, "num_images": int, "num_predictions": int}``."""
+    """Run the command; returns ``{"predictions": path, "images": path, "unreadable": path,
+    "overlays": folder or None, "num_images": int, "num_unreadable": int,
+    "num_predictions": int}``. Images that cannot be decoded do not stop the run: they are
+    listed in ``unreadable.json`` (``num_images`` counts the images predicted)."""
     for name in ("batch_size", "max_detections", "short_side", "max_long_side"):
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
@@ -138,18 +146,25 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     # the targets are not used: the dataset's own category map (if any) never fails
     loader = eval_loader(dataset, cfg.batch_size,
                          resize=eval_config(cfg.short_side, cfg.max_long_side),
-                         num_workers=cfg.num_workers, rank=0, world_size=1)
+                         num_workers=cfg.num_workers, rank=0, world_size=1,
+                         skip_unreadable=True)
     console.print(f"predict: {len(dataset.images)} images, checkpoint {loaded.checkpoint} "
                   f"(step {loaded.step}), device {device}")
     sizes: dict[int, tuple[int, int]] = {}
+    unreadable: list[dict] = []
     results = predict_results(
         loaded.model, _record_sizes(loader.make_batches(0), sizes), loaded.category_ids,
         device=device, max_detections=cfg.max_detections, score_threshold=cfg.score_threshold,
-        total=loader.batches_per_epoch(), progress=progress_mode(progress))
+        total=loader.batches_per_epoch(), progress=progress_mode(progress),
+        unreadable=unreadable)
+    if not sizes:
+        raise InputError(f"none of the {len(unreadable)} images could be read (first: "
+                         f"{unreadable[0]['file_name']}: {unreadable[0]['error']})", cfg.images)
     out = Path(cfg.out)
     write_json_atomic(out / PREDICTIONS_FILE, results)
+    write_json_atomic(out / UNREADABLE_FILE, unreadable, indent=2)
     images = [{"id": r.image_id, "file_name": r.file_name, "height": sizes[r.image_id][0],
-               "width": sizes[r.image_id][1]} for r in dataset.images]
+               "width": sizes[r.image_id][1]} for r in dataset.images if r.image_id in sizes]
     write_json_atomic(out / IMAGES_FILE, {
         "images": images, "categories": [{"id": c} for c in loaded.category_ids],
         "root": str(dataset.root.resolve()), "checkpoint": str(loaded.checkpoint.resolve())},
@@ -157,20 +172,24 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     overlays = None
     if cfg.overlays:
         overlays = out / OVERLAY_DIR
-        write_overlays(dataset, results, overlays)
+        write_overlays(dataset, results, overlays, skip=(r["image_id"] for r in unreadable))
     summary = {"predictions": out / PREDICTIONS_FILE, "images": out / IMAGES_FILE,
-               "overlays": overlays, "num_images": len(images),
+               "unreadable": out / UNREADABLE_FILE, "overlays": overlays,
+               "num_images": len(images), "num_unreadable": len(unreadable),
                "num_predictions": len(results)}
     write_run_record(
         out, stage="predict", config=cfg.resolved(), config_hash=cfg.config_hash(),
         inputs={"checkpoint": str(loaded.checkpoint), "images": str(cfg.images)},
-        counts={"images": len(images), "predictions": len(results),
+        counts={"images": len(images), "images_unreadable": len(unreadable),
+                "predictions": len(results),
                 "seconds": round(time.perf_counter() - t0, 2)},
         started_at=started,
     )
     console.print(f"predict: {len(results)} instances with score > {cfg.score_threshold} in "
                   f"{len(images)} images -> {out / PREDICTIONS_FILE}"
                   + (f", overlays in {overlays}" if overlays else ""))
+    report_unreadable(unreadable, len(dataset.images), "predict", out / UNREADABLE_FILE,
+                      "no predictions for them")
     return summary
 
 
@@ -178,5 +197,5 @@ def _record_sizes(batches: Iterable[dict], sizes: dict[int, tuple[int, int]]
                   ) -> Iterator[dict]:
     """Pass ``batches`` through, noting each image's ``orig_sizes`` entry in ``sizes``."""
     for batch in batches:
-        sizes.update(zip(batch["image_ids"], (tuple(s) for s in batch["orig_sizes"])))
+        sizes.update(zip(batch["image_ids"], (tuple(s) for s in batch.get("orig_sizes", []))))
         yield batch

@@ -126,7 +126,7 @@ def test_read_checkpoint_validates(tmp_path):
     with pytest.raises(ValueError, match="not a uplvp checkpoint"):
         read_checkpoint(tmp_path / "other.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt: cannot read"):
+    with pytest.raises(ValueError, match="junk.pt: not a checkpoint"):
         read_checkpoint(tmp_path / "junk.pt")
 
 

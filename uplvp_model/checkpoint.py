@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -157,16 +158,27 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: checkpoint file not found")
+    if not zipfile.is_zipfile(path):  # every torch.save since torch 1.6 writes a zip archive
+        raise ValueError(f"{path}: not a checkpoint (not a file written by torch.save)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt / unsafe files
-        raise ValueError(f"{path}: cannot read checkpoint with weights_only=True ({err})") from err
+        raise ValueError(f"{path}: not a readable checkpoint ({_load_reason(err)})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
         raise ValueError(f"{path}: not a uplvp checkpoint (no 'model' state dict)")
     if payload.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {payload.get('format_version')!r} is not "
                          f"{CHECKPOINT_FORMAT_VERSION}")
     return payload
+
+
+def _load_reason(err: Exception) -> str:
+    """One line on why ``torch.load(weights_only=True)`` failed, without torch's advice to
+    turn ``weights_only`` off (that would run arbitrary code from the file)."""
+    if "weights_only" in str(err) or type(err).__name__ == "UnpicklingError":
+        return "it holds objects other than tensors and plain values"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0][:200] if lines else type(err).__name__)
 
 
 def map_backbone_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Tensor], list[str]]:
