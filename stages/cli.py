@@ -123,6 +123,10 @@ ResumeOpt = typer.Option(None, "--resume", help="Continue from OUT/checkpoints/l
 OnNanOpt = typer.Option(
     None, "--on-nan", help="Non-finite loss: skip the batch group (default) | stop (exit 2).")
 CheckpointEveryOpt = typer.Option(None, "--checkpoint-every", help="Save a checkpoint every N steps.")
+AllowPartialInitOpt = typer.Option(
+    None, "--allow-partial-init",
+    help="Load only the tensors that fit from the backbone checkpoint (and finetune's --init); "
+         "default: a checkpoint of another depth or width is an error.")
 # options that pretrain and finetune share (their defaults live in the stage configs)
 RunOutOpt = typer.Option(None, "--out", help="Run folder (checkpoints/, metrics).")
 PresetOpt = typer.Option(None, "--preset", help="Model preset: tiny | small (default) | base.")
@@ -153,6 +157,7 @@ def stage_pretrain(
     decoder: Optional[str] = DecoderOpt,
     backbone_checkpoint: Optional[str] = typer.Option(None, help="Local ResNet weights (e.g. MoCo v2)."),
     freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone", help="Freeze the backbone."),
+    allow_partial_init: Optional[bool] = AllowPartialInitOpt,
     strategy: Optional[str] = typer.Option(None, help="Prompt-kernel matching: spread (default) | cosine | hungarian."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 10000)."),
     batch_size: Optional[int] = BatchSizeOpt,
@@ -172,6 +177,7 @@ def stage_pretrain(
     cfg = load_config(PretrainConfig, config, {
         "shards": shards, "model.backbone_checkpoint": backbone_checkpoint,
         "model.freeze_backbone": freeze_backbone, "prompt.strategy": strategy,
+        "model.allow_partial_init": allow_partial_init,
         **training_overrides(
             out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
             lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
@@ -187,6 +193,7 @@ def stage_finetune(
     val_data: Optional[Path] = typer.Option(None, "--val", help="Labeled manifest for validation."),
     init: Optional[str] = typer.Option(
         None, "--init", help="Pretrain run folder or checkpoint, or none (from scratch, default)."),
+    allow_partial_init: Optional[bool] = AllowPartialInitOpt,
     out: Optional[Path] = RunOutOpt,
     preset: Optional[str] = PresetOpt,
     decoder: Optional[str] = DecoderOpt,
@@ -208,7 +215,7 @@ def stage_finetune(
 
     cfg = load_config(FinetuneConfig, config, {
         "train_data": train_data, "val_data": val_data, "init": init,
-        "train.eval_every": eval_every,
+        "model.allow_partial_init": allow_partial_init, "train.eval_every": eval_every,
         **training_overrides(
             out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
             lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,

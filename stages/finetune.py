@@ -21,10 +21,10 @@ from stages.config import StageConfig
 from stages.evaluate import evaluate_model
 from stages.train_checkpoint import latest_checkpoint, load_training_checkpoint
 from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
-from stages.training_setup import DataSection, ModelSection
+from stages.training_setup import DataSection, ModelSection, build_stage_model
 from uplvp_model.checkpoint import load_model_state, save_model_state
 from uplvp_model.criterion import SetCriterion
-from uplvp_model.model import QEISModel, build_model
+from uplvp_model.model import QEISModel
 
 console = Console(stderr=True)
 
@@ -68,8 +68,9 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     info, device = init_distributed(cfg.device)
     model_cfg = cfg.model.build_config(num_classes=len(category_ids))
     seed_all(cfg.train.seed)  # the initial weights depend on the seed only, not on earlier RNG use
-    model = build_model(model_cfg)
-    init_report = initialise_from(model, cfg.init, cfg.init_skip)
+    model = build_stage_model(model_cfg)
+    init_report = initialise_from(model, cfg.init, cfg.init_skip,
+                                  allow_partial=cfg.model.allow_partial_init)
     model.to(device)
     criterion = SetCriterion(no_object_weight=cfg.no_object_weight,
                              num_points=cfg.num_points).to(device)
@@ -130,10 +131,14 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     return summary
 
 
-def initialise_from(model: QEISModel, init: str, skip: list[str] | None = None) -> dict:
+def initialise_from(model: QEISModel, init: str, skip: list[str] | None = None,
+                    allow_partial: bool = False) -> dict:
     """Load a pre-trained checkpoint's QEIS weights into ``model`` (class head skipped when the
     class count differs; tensors whose name contains a ``skip`` pattern keep their fresh
-    initialisation); ``"none"`` keeps the random initialisation. Returns the load report."""
+    initialisation); ``"none"`` keeps the random initialisation. Returns the load report.
+
+    Strict: any other model tensor the checkpoint lacks or holds with another shape (another
+    preset, depth or width) is an :class:`InputError` naming it, unless ``allow_partial``."""
     if init == "none":
         return {"init": "none"}
     path = Path(init)
@@ -153,11 +158,13 @@ def initialise_from(model: QEISModel, init: str, skip: list[str] | None = None) 
     state = {k: v for k, v in state.items() if k not in skipped_by_name}
     report = load_model_state(model, state, skip_mismatched=True)
     report.missing = [k for k in report.missing if k not in skipped_by_name]
-    if report.missing:
-        raise InputError(
-            f"--init: checkpoint lacks {len(report.missing)} model tensors (first: "
-            f"{report.missing[0]}); was it trained with the same model preset?", path)
-    console.print(f"init from {path}: {report.summary().splitlines()[0]}")
+    misfit = report.misfit(allowed=model.class_head_keys())
+    if misfit and not allow_partial:
+        raise InputError(f"--init: checkpoint does not fit the model: {misfit}; was it trained "
+                         f"with the same model preset? (allow_partial_init loads only what "
+                         f"fits)", path)
+    console.print(f"init from {path}: {report.summary().splitlines()[0]}"
+                  + (f" (partial: {misfit})" if misfit else ""), highlight=False)
     return {"init": str(path), "loaded": len(report.loaded), "skipped": list(report.skipped),
             "reinitialised": skipped_by_name}
 

@@ -18,9 +18,8 @@ from pipeline.run_record import now_iso, write_run_record
 from pipeline.shard_dataset import MaskFilter, pretrain_loader
 from stages.config import StageConfig
 from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
-from stages.training_setup import DataSection, ModelSection
+from stages.training_setup import DataSection, ModelSection, build_stage_model
 from uplvp_model.criterion import PretrainCriterion
-from uplvp_model.model import build_model
 from uplvp_model.pretraining import PromptedModel, pretraining_targets
 from uplvp_model.prompts import PromptEncoder
 
@@ -92,7 +91,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     embedding_dim = loader.source.embedding_dim
     model_cfg = cfg.model.build_config(num_classes=1)
     seed_all(cfg.train.seed)  # the initial weights depend on the seed only, not on earlier RNG use
-    model = build_model(model_cfg)
+    model = build_stage_model(model_cfg)
     if model.backbone_load_report is not None:
         console.print(f"backbone checkpoint: {model.backbone_load_report.summary()}")
     p = cfg.prompt

@@ -21,6 +21,9 @@ class ModelSection(BaseModel):
     decoder: Literal["knet", "mask2former"] = "knet"
     backbone_checkpoint: str | None = None
     freeze_backbone: bool = False
+    # load only what fits from backbone_checkpoint / finetune's init (default: a checkpoint of
+    # another depth or width is an error; finetune's class head is re-initialised either way)
+    allow_partial_init: bool = False
     overrides: dict[str, Any] = {}  # any uplvp_model.config.ModelConfig field
 
     def build_config(self, num_classes: int) -> ModelConfig:
@@ -29,6 +32,7 @@ class ModelSection(BaseModel):
                 self.preset,
                 decoder=self.decoder,
                 backbone_checkpoint=self.backbone_checkpoint,
+                backbone_allow_partial=self.allow_partial_init,
                 freeze_backbone=self.freeze_backbone,
                 num_classes=num_classes,
                 **self.overrides,
@@ -58,6 +62,17 @@ class DataSection(BaseModel):
 
     def eval_resize(self) -> AugmentConfig:
         return eval_config(self.eval_short_side, self.max_long_side)
+
+
+def build_stage_model(cfg: ModelConfig):
+    """``uplvp_model.model.build_model``, with a backbone checkpoint that cannot be read or does
+    not fit as one :class:`InputError` line."""
+    from uplvp_model.model import build_model
+
+    try:
+        return build_model(cfg)
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def resolve_device(device: str) -> str:

@@ -169,7 +169,14 @@ def test_load_torchvision_resnet18_with_detector_prefix(tmp_path):
     torch.save({"meta": {"epoch": 12}, "state_dict": state}, path)
 
     backbone = ResNetBackbone(18)
-    report = load_backbone_checkpoint(backbone.body, path)
+    with pytest.raises(ValueError) as err:  # strict by default: one missing, one misshapen
+        load_backbone_checkpoint(backbone.body, path)
+    assert str(err.value) == (
+        f"{path}: backbone checkpoint does not fit the model's backbone: 1 model tensors missing "
+        "(first: layer1.0.conv1.weight), 1 of another shape (first: layer4.1.bn2.weight "
+        "checkpoint [7] vs model [512]); another depth or width? (allow_partial_init loads "
+        "only what fits)")
+    report = load_backbone_checkpoint(backbone.body, path, allow_partial=True)
     assert report.ignored == ["backbone.fc.bias", "backbone.fc.weight",
                               "neck.lateral_convs.0.conv.weight"]
     assert report.missing == ["layer1.0.conv1.weight"]

@@ -60,7 +60,7 @@ def test_load_backbone_from_moco_style_checkpoint(tmp_path, caplog):
     torch.testing.assert_close(body.layer2[0].bn1.running_mean, net.layer2[0].bn1.running_mean + 1.0)
     del state["module.encoder_q.layer1.0.conv1.weight"]
     torch.save(state, path)
-    with pytest.raises(ValueError, match="weights missing, e.g. 'layer1.0.conv1.weight'"):
+    with pytest.raises(ValueError, match=r"moco.pth: backbone checkpoint does not fit the model's backbone: 1 model tensors missing \(first: layer1.0.conv1.weight\)"):
         load_backbone("resnet18", str(path), "layer2")
     with pytest.raises(ValueError, match="unknown backbone"):
         load_backbone("vgg16", None, "layer3")

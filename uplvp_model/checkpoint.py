@@ -14,7 +14,7 @@ import os
 import tempfile
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,20 @@ class LoadReport:
             src, dst = self.skipped_shapes[key]
             lines.append(f"skipped: {key} checkpoint {list(src)} vs model {list(dst)}")
         return "\n".join(lines)
+
+    def misfit(self, allowed: Sequence[str] = ()) -> str | None:
+        """One line on the model tensors the source did not provide or gave with another shape
+        (keys in ``allowed`` excepted), or None when everything fits."""
+        skipped = [k for k in self.skipped if k not in set(allowed)]
+        missing = [k for k in self.missing if k not in set(allowed)]
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} model tensors missing (first: {missing[0]})")
+        if skipped:
+            src, dst = self.skipped_shapes[skipped[0]]
+            parts.append(f"{len(skipped)} of another shape (first: {skipped[0]} checkpoint "
+                         f"{list(src)} vs model {list(dst)})")
+        return ", ".join(parts) if parts else None
 
 
 def load_model_state(model: nn.Module, state_dict: Mapping[str, Tensor],
@@ -201,13 +215,17 @@ def map_backbone_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Tensor],
     return mapped, sorted(ignored)
 
 
-def load_backbone_checkpoint(body: nn.Module, path: str | Path) -> LoadReport:
+def load_backbone_checkpoint(body: nn.Module, path: str | Path,
+                             allow_partial: bool = False) -> LoadReport:
     """Load backbone weights from a local file into ``body`` (the backbone's weight module).
 
     The file is read with ``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` or
-    ``{"model": ...}`` wrapper is unwrapped; keys are mapped with :func:`map_backbone_keys`;
-    shape mismatches are skipped and reported. Raises ``ValueError`` naming the file if it
-    cannot be read or if not a single tensor matched.
+    ``{"model": ...}`` wrapper is unwrapped; keys are mapped with :func:`map_backbone_keys`.
+    Every tensor of ``body`` must come from the file with its shape (extra tensors in the
+    file, e.g. a deeper level than ``body`` has, are reported as unexpected and left out):
+    otherwise ``ValueError`` naming the file and what did not fit (another depth or width),
+    unless ``allow_partial``, which loads what fits and reports the rest. ``ValueError`` also
+    when the file cannot be read or not a single tensor matched.
     """
     path = Path(path)
     if not path.is_file():
@@ -215,8 +233,8 @@ def load_backbone_checkpoint(body: nn.Module, path: str | Path) -> LoadReport:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt / unsafe files
-        raise ValueError(f"{path}: cannot read backbone checkpoint with weights_only=True "
-                         f"({err})") from err
+        raise ValueError(f"{path}: not a readable backbone checkpoint ({_load_reason(err)})"
+                         ) from None
     if not isinstance(payload, dict):
         raise ValueError(f"{path}: backbone checkpoint is a {type(payload).__name__}, not a dict")
     for wrapper in ("state_dict", "model"):
@@ -229,4 +247,9 @@ def load_backbone_checkpoint(body: nn.Module, path: str | Path) -> LoadReport:
     if not report.loaded:
         raise ValueError(f"{path}: no tensor of the backbone checkpoint matched the model "
                          f"backbone ({report.summary().splitlines()[0]})")
+    misfit = report.misfit()
+    if misfit and not allow_partial:
+        raise ValueError(f"{path}: backbone checkpoint does not fit the model's backbone: "
+                         f"{misfit}; another depth or width? (allow_partial_init loads only "
+                         f"what fits)")
     return report

@@ -24,6 +24,8 @@ class ModelConfig:
             (torchvision architectures, random init unless ``backbone_checkpoint`` is given).
         backbone_checkpoint: local path of backbone weights (torchvision, MoCo v2, mmdet-style
             ``backbone.`` prefixed); never downloaded.
+        backbone_allow_partial: load only the tensors of ``backbone_checkpoint`` that fit
+            (default: a checkpoint of another depth or width is an error).
         freeze_backbone: no gradients to the backbone and its BatchNorm layers stay in eval mode.
         decoder: ``"knet"`` (dynamic kernel updates) or ``"mask2former"`` (masked attention).
         hidden_dim: D, channels of every pixel-decoder output and of the kernels.
@@ -50,6 +52,7 @@ class ModelConfig:
 
     backbone: str = "resnet50"
     backbone_checkpoint: str | None = None
+    backbone_allow_partial: bool = False
     freeze_backbone: bool = False
     decoder: str = "knet"
     hidden_dim: int = 256

@@ -117,7 +117,8 @@ def build_model(cfg: ModelConfig) -> QEISModel:
     ``model.backbone_load_report``) and then freeze the backbone if asked."""
     model = QEISModel(cfg)
     if cfg.backbone_checkpoint is not None:
-        report = load_backbone_checkpoint(model.backbone.body, cfg.backbone_checkpoint)
+        report = load_backbone_checkpoint(model.backbone.body, cfg.backbone_checkpoint,
+                                          allow_partial=cfg.backbone_allow_partial)
         logger.info("backbone checkpoint %s: %s", cfg.backbone_checkpoint, report.summary())
         model.backbone_load_report = report
     if cfg.freeze_backbone:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from ..checkpoint import load_backbone_checkpoint
 from .base import Letterbox, ProposedMask, letterbox_batch, mask_to_canvas
 from .ingredients import mask_pooled_embedding
 from .masks import matrix_nms
@@ -41,29 +42,15 @@ STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 CHANNELS = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}  # x4 for resnet50
 EXPANSION = {"resnet18": 1, "resnet50": 4}
 RANDOM_INIT_SEED = 0
-CHECKPOINT_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.", "backbone.")
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys of a torchvision / MoCo / DenseCL checkpoint as torchvision ResNet keys."""
-    out = {}
-    for key, value in state.items():
-        for prefix in CHECKPOINT_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                break
-        out[key] = value
-    return out
-
 
 def load_backbone(
     backbone: str, checkpoint: str | None, feature_level: str, device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
     """A torchvision ResNet (eval mode) truncated after ``feature_level``.
 
-    checkpoint: a ``torch.save``d state dict (plain, or under ``"state_dict"``; torchvision,
-    MoCo ``module.encoder_q.`` or ``backbone.`` keys), loaded with ``weights_only=True``; every
-    weight up to ``feature_level`` must be present. ``None`` gives seeded random weights and a
+    checkpoint: local ResNet weights as ``uplvp_model.checkpoint.load_backbone_checkpoint``
+    reads them (torchvision, MoCo ``module.encoder_q.``, ``backbone.`` keys; ``weights_only``);
+    every weight up to ``feature_level`` must be present with its shape. ``None`` gives seeded random weights and a
     loud warning (meaningless masks, tests only).
     """
     if backbone not in BACKBONES:
@@ -84,21 +71,8 @@ def load_backbone(
             "meaningless. Use this only for tests; pass a checkpoint for real runs.",
             backbone,
         )
-    else:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"backbone checkpoint {checkpoint}: expected a state dict")
-        renamed = _strip_prefixes(state)
-        needed = list(body.state_dict())
-        missing = [key for key in needed if key not in renamed]
-        if missing:
-            raise ValueError(
-                f"backbone checkpoint {checkpoint}: {len(missing)} {backbone} weights missing, "
-                f"e.g. {missing[0]!r}"
-            )
-        body.load_state_dict({key: renamed[key] for key in needed})
+    else:  # the one loader of local ResNet weights: every tensor up to feature_level must fit
+        load_backbone_checkpoint(body, checkpoint)
     return body.to(device).eval()
 
 
