@@ -127,6 +127,11 @@ AllowPartialInitOpt = typer.Option(
     None, "--allow-partial-init",
     help="Load only the tensors that fit from the backbone checkpoint (and finetune's --init); "
          "default: a checkpoint of another depth or width is an error.")
+NormOpt = typer.Option(
+    None, "--norm", help="Backbone BatchNorm: auto (default: frozen with a backbone checkpoint, "
+                         "else bn) | frozen | bn | syncbn (DDP on CUDA).")
+BackboneLrOpt = typer.Option(
+    None, "--backbone-lr-mult", help="Backbone learning rate / --lr (default 1; Mask2Former: 0.1).")
 # options that pretrain and finetune share (their defaults live in the stage configs)
 RunOutOpt = typer.Option(None, "--out", help="Run folder (checkpoints/, metrics).")
 PresetOpt = typer.Option(None, "--preset", help="Model preset: tiny | small (default) | base.")
@@ -156,7 +161,12 @@ def stage_pretrain(
     preset: Optional[str] = PresetOpt,
     decoder: Optional[str] = DecoderOpt,
     backbone_checkpoint: Optional[str] = typer.Option(None, help="Local ResNet weights (e.g. MoCo v2)."),
-    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone", help="Freeze the backbone."),
+    freeze_backbone: Optional[bool] = typer.Option(
+        None, "--freeze-backbone/--train-backbone",
+        help="Freeze the backbone (default: frozen when --backbone-checkpoint is given, as the "
+             "reference freezes its MoCo backbone; trained otherwise)."),
+    norm: Optional[str] = NormOpt,
+    backbone_lr_mult: Optional[float] = BackboneLrOpt,
     allow_partial_init: Optional[bool] = AllowPartialInitOpt,
     strategy: Optional[str] = typer.Option(None, help="Prompt-kernel matching: spread (default) | cosine | hungarian."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 10000)."),
@@ -177,7 +187,8 @@ def stage_pretrain(
     cfg = load_config(PretrainConfig, config, {
         "shards": shards, "model.backbone_checkpoint": backbone_checkpoint,
         "model.freeze_backbone": freeze_backbone, "prompt.strategy": strategy,
-        "model.allow_partial_init": allow_partial_init,
+        "model.allow_partial_init": allow_partial_init, "model.norm": norm,
+        "train.backbone_lr_multiplier": backbone_lr_mult,
         **training_overrides(
             out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
             lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
@@ -194,6 +205,8 @@ def stage_finetune(
     init: Optional[str] = typer.Option(
         None, "--init", help="Pretrain run folder or checkpoint, or none (from scratch, default)."),
     allow_partial_init: Optional[bool] = AllowPartialInitOpt,
+    norm: Optional[str] = NormOpt,
+    backbone_lr_mult: Optional[float] = BackboneLrOpt,
     out: Optional[Path] = RunOutOpt,
     preset: Optional[str] = PresetOpt,
     decoder: Optional[str] = DecoderOpt,
@@ -215,7 +228,8 @@ def stage_finetune(
 
     cfg = load_config(FinetuneConfig, config, {
         "train_data": train_data, "val_data": val_data, "init": init,
-        "model.allow_partial_init": allow_partial_init, "train.eval_every": eval_every,
+        "model.allow_partial_init": allow_partial_init, "model.norm": norm,
+        "train.backbone_lr_multiplier": backbone_lr_mult, "train.eval_every": eval_every,
         **training_overrides(
             out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
             lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,

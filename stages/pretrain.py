@@ -89,7 +89,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         num_workers=cfg.data.num_workers,
     )
     embedding_dim = loader.source.embedding_dim
-    model_cfg = cfg.model.build_config(num_classes=1)
+    model_cfg = cfg.model.build_config(num_classes=1, freeze_pretrained_backbone=True)
     seed_all(cfg.train.seed)  # the initial weights depend on the seed only, not on earlier RNG use
     model = build_stage_model(model_cfg)
     if model.backbone_load_report is not None:

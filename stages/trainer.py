@@ -86,6 +86,9 @@ class TrainConfig(BaseModel):
         "when make_batches' iterator ends")
     lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (all parameters)")
+    backbone_lr_multiplier: float = Field(
+        1.0, gt=0, description="learning rate of the parameters under a 'backbone' module, "
+        "relative to lr (Mask2Former trains its ImageNet backbone at 0.1)")
     grad_clip: float | None = Field(
         1.0, gt=0, description="clip the global gradient L2 norm to this; None: no clipping")
     warmup_steps: int = Field(0, ge=0, description="linear warmup length")
@@ -285,6 +288,20 @@ def move_to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW parameter groups of ``model``'s trainable parameters: those under a module named
+    ``backbone`` (at any depth, e.g. ``model.backbone.body...`` of a prompted model) at
+    ``lr * backbone_lr_multiplier``, the rest at ``lr``; one group when the multiplier is 1."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.backbone_lr_multiplier == 1.0:
+        return [{"params": [p for _, p in named]}]
+    backbone = [p for n, p in named if "backbone" in n.split(".")]
+    rest = [p for n, p in named if "backbone" not in n.split(".")]
+    return [group for group in ({"params": rest},
+                                {"params": backbone, "lr": cfg.lr * cfg.backbone_lr_multiplier})
+            if group["params"]]
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -351,7 +368,8 @@ class _Run:
         if not self.params:
             raise ValueError("train: the model has no trainable parameters")
         self.device = self.params[0].device
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.amp_dtype = None
         if cfg.amp != "off" and self.device.type == "cuda":

@@ -20,20 +20,31 @@ class ModelSection(BaseModel):
     preset: Literal["tiny", "small", "base"] = "small"
     decoder: Literal["knet", "mask2former"] = "knet"
     backbone_checkpoint: str | None = None
-    freeze_backbone: bool = False
+    # the backbone's BatchNorm: auto = frozen with a backbone checkpoint, else bn (docs/model.md)
+    norm: Literal["auto", "frozen", "bn", "syncbn"] = "auto"
+    # None: the stage's default (pretrain freezes a checkpoint-initialised backbone, as the
+    # reference freezes its MoCo backbone; finetune trains it)
+    freeze_backbone: bool | None = None
     # load only what fits from backbone_checkpoint / finetune's init (default: a checkpoint of
     # another depth or width is an error; finetune's class head is re-initialised either way)
     allow_partial_init: bool = False
     overrides: dict[str, Any] = {}  # any uplvp_model.config.ModelConfig field
 
-    def build_config(self, num_classes: int) -> ModelConfig:
+    def build_config(self, num_classes: int, freeze_pretrained_backbone: bool = False
+                     ) -> ModelConfig:
+        """The model config; ``freeze_pretrained_backbone``: the stage's default for
+        ``freeze_backbone`` when a backbone checkpoint is given (off without one)."""
+        freeze = self.freeze_backbone
+        if freeze is None:
+            freeze = freeze_pretrained_backbone and self.backbone_checkpoint is not None
         try:
             return model_config(
                 self.preset,
                 decoder=self.decoder,
                 backbone_checkpoint=self.backbone_checkpoint,
                 backbone_allow_partial=self.allow_partial_init,
-                freeze_backbone=self.freeze_backbone,
+                backbone_norm=self.norm,
+                freeze_backbone=freeze,
                 num_classes=num_classes,
                 **self.overrides,
             )

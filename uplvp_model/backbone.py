@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
+from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork, FrozenBatchNorm2d
 
 # ImageNet statistics for RGB images in [0, 1]; images are normalised as (x - mean) / std.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
@@ -104,6 +104,27 @@ class TinyBackbone(Backbone):
             x = stage(x)
             outs.append(x)
         return outs
+
+
+def freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm2d`` inside ``module`` (in place; ``module`` itself if it is
+    one) by a ``FrozenBatchNorm2d`` holding its affine weights and running statistics: the
+    layer then normalises with those fixed values in train and eval mode alike, whatever the
+    batch (detectron2's ``FrozenBatchNorm2d.convert_frozen_batchnorm``). Returns the module."""
+    if isinstance(module, nn.BatchNorm2d):
+        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+        if module.affine:
+            frozen.weight.copy_(module.weight.detach())
+            frozen.bias.copy_(module.bias.detach())
+        if module.track_running_stats:
+            frozen.running_mean.copy_(module.running_mean)
+            frozen.running_var.copy_(module.running_var)
+        return frozen
+    for name, child in list(module.named_children()):
+        replaced = freeze_batch_norm(child)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module
 
 
 def build_backbone(name: str,

@@ -72,9 +72,11 @@ class LoadReport:
 
     def misfit(self, allowed: Sequence[str] = ()) -> str | None:
         """One line on the model tensors the source did not provide or gave with another shape
-        (keys in ``allowed`` excepted), or None when everything fits."""
+        (keys in ``allowed`` excepted, and BatchNorm ``num_batches_tracked`` counters, which a
+        frozen-BatchNorm source does not have), or None when everything fits."""
         skipped = [k for k in self.skipped if k not in set(allowed)]
-        missing = [k for k in self.missing if k not in set(allowed)]
+        missing = [k for k in self.missing if k not in set(allowed)
+                   and k.rpartition(".")[2] != "num_batches_tracked"]
         parts = []
         if missing:
             parts.append(f"{len(missing)} model tensors missing (first: {missing[0]})")

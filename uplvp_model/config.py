@@ -12,6 +12,8 @@ from typing import Any
 
 BACKBONES = ("tiny", "resnet18", "resnet50")
 DECODERS = ("knet", "mask2former")
+# backbone normalisation; "auto" resolves to "frozen" with a backbone checkpoint, else "bn"
+BACKBONE_NORMS = ("auto", "frozen", "bn", "syncbn")
 MASK_STRIDES = (4, 8)
 
 
@@ -26,6 +28,12 @@ class ModelConfig:
             ``backbone.`` prefixed); never downloaded.
         backbone_allow_partial: load only the tensors of ``backbone_checkpoint`` that fit
             (default: a checkpoint of another depth or width is an error).
+        backbone_norm: the backbone's BatchNorm layers: ``"frozen"`` (torchvision's
+            FrozenBatchNorm2d: fixed statistics and affine, as detectron2 and Mask2Former
+            train with per-GPU batches of 2), ``"bn"`` (trained BatchNorm), ``"syncbn"``
+            (SyncBatchNorm: statistics over every GPU of a DDP run; CUDA only) or ``"auto"``
+            (``"frozen"`` when ``backbone_checkpoint`` is given, else ``"bn"``; resolved
+            when the config is made, so a stored config names the one used).
         freeze_backbone: no gradients to the backbone and its BatchNorm layers stay in eval mode.
         decoder: ``"knet"`` (dynamic kernel updates) or ``"mask2former"`` (masked attention).
         hidden_dim: D, channels of every pixel-decoder output and of the kernels.
@@ -53,6 +61,7 @@ class ModelConfig:
     backbone: str = "resnet50"
     backbone_checkpoint: str | None = None
     backbone_allow_partial: bool = False
+    backbone_norm: str = "auto"
     freeze_backbone: bool = False
     decoder: str = "knet"
     hidden_dim: int = 256
@@ -74,6 +83,11 @@ class ModelConfig:
         if self.backbone not in BACKBONES:
             raise ValueError(
                 f"ModelConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.backbone_norm not in BACKBONE_NORMS:
+            raise ValueError(f"ModelConfig.backbone_norm must be one of {BACKBONE_NORMS}, got "
+                             f"{self.backbone_norm!r}")
+        if self.backbone_norm == "auto":
+            self.backbone_norm = "frozen" if self.backbone_checkpoint else "bn"
         if self.decoder not in DECODERS:
             raise ValueError(
                 f"ModelConfig.decoder must be one of {DECODERS}, got {self.decoder!r}")
@@ -112,12 +126,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them. A dict
+        without ``backbone_norm`` (stored before that field existed) means ``"bn"``, the only
+        normalisation there was."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**{"backbone_norm": "bn", **values})
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -157,4 +173,4 @@ def model_config(preset: str, **overrides: Any) -> ModelConfig:
     ``ValueError``."""
     if preset not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
-    return ModelConfig.from_dict({**MODEL_PRESETS[preset], **overrides})
+    return ModelConfig.from_dict({"backbone_norm": "auto", **MODEL_PRESETS[preset], **overrides})

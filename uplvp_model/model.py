@@ -15,7 +15,7 @@ import logging
 
 from torch import Tensor, nn
 
-from .backbone import PixelDecoder, build_backbone
+from .backbone import PixelDecoder, build_backbone, freeze_batch_norm
 from .checkpoint import LoadReport, load_backbone_checkpoint
 from .config import ModelConfig
 from .decoders import build_decoder
@@ -114,13 +114,18 @@ class QEISModel(nn.Module):
 
 def build_model(cfg: ModelConfig) -> QEISModel:
     """Build the model; load ``cfg.backbone_checkpoint`` (logging the report, kept as
-    ``model.backbone_load_report``) and then freeze the backbone if asked."""
+    ``model.backbone_load_report``), set the backbone's normalisation (``cfg.backbone_norm``)
+    and then freeze the backbone if asked."""
     model = QEISModel(cfg)
     if cfg.backbone_checkpoint is not None:
         report = load_backbone_checkpoint(model.backbone.body, cfg.backbone_checkpoint,
                                           allow_partial=cfg.backbone_allow_partial)
         logger.info("backbone checkpoint %s: %s", cfg.backbone_checkpoint, report.summary())
         model.backbone_load_report = report
+    if cfg.backbone_norm == "frozen":
+        freeze_batch_norm(model.backbone)
+    elif cfg.backbone_norm == "syncbn":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)  # converts its children in place
     if cfg.freeze_backbone:
         model.backbone.freeze()
     return model
