@@ -140,16 +140,21 @@ BatchSizeOpt = typer.Option(None, "--batch-size", help="Global batch size (defau
 LrOpt = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4).")
 NumWorkersOpt = typer.Option(None, "--num-workers", help="DataLoader workers (default 2).")
 SeedOpt = typer.Option(None, "--seed", help="Seed of data order and augmentation (default 0).")
+AmpOpt = typer.Option(None, "--amp", help="Mixed precision on CUDA: off (default) | bf16 | fp16.")
+AccumulationOpt = typer.Option(
+    None, "--accumulation-steps", help="Batches per optimizer step (default 1).")
 
 
 def training_overrides(*, out, preset, decoder, max_steps, batch_size, lr, num_workers, seed,
-                       device, resume, on_nan, checkpoint_every) -> dict:
+                       device, resume, on_nan, checkpoint_every, amp=None,
+                       accumulation_steps=None) -> dict:
     """Config overrides of the options pretrain and finetune share."""
     return {
         "out": out, "model.preset": preset, "model.decoder": decoder,
         "train.max_steps": max_steps, "data.batch_size": batch_size, "train.lr": lr,
         "data.num_workers": num_workers, "data.seed": seed, "device": device, "resume": resume,
-        "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every,
+        "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every, "train.amp": amp,
+        "train.accumulation_steps": accumulation_steps,
     }
 
 
@@ -178,6 +183,8 @@ def stage_pretrain(
     resume: Optional[bool] = ResumeOpt,
     on_nan: Optional[str] = OnNanOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
+    amp: Optional[str] = AmpOpt,
+    accumulation_steps: Optional[int] = AccumulationOpt,
     config: Optional[Path] = ConfigOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
@@ -192,7 +199,8 @@ def stage_pretrain(
         **training_overrides(
             out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
             lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
-            on_nan=on_nan, checkpoint_every=checkpoint_every),
+            on_nan=on_nan, checkpoint_every=checkpoint_every, amp=amp,
+            accumulation_steps=accumulation_steps),
     })
     run_pretrain(cfg, progress=not no_progress)
 
@@ -220,6 +228,8 @@ def stage_finetune(
     resume: Optional[bool] = ResumeOpt,
     on_nan: Optional[str] = OnNanOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
+    amp: Optional[str] = AmpOpt,
+    accumulation_steps: Optional[int] = AccumulationOpt,
     config: Optional[Path] = ConfigOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
@@ -233,7 +243,8 @@ def stage_finetune(
         **training_overrides(
             out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
             lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
-            on_nan=on_nan, checkpoint_every=checkpoint_every),
+            on_nan=on_nan, checkpoint_every=checkpoint_every, amp=amp,
+            accumulation_steps=accumulation_steps),
     })
     run_finetune(cfg, progress=not no_progress)
 

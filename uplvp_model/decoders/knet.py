@@ -12,6 +12,7 @@ stages then
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
@@ -82,8 +83,12 @@ class KernelUpdateStage(nn.Module):
                 ) -> tuple[Tensor, Tensor, Tensor]:
         """``kernels`` [B, N, D], previous ``masks`` [B, N, h, w] logits, ``mask_features``
         [B, D, h, w] -> (new kernels [B, N, D], logits [B, N, C+1], mask logits [B, N, h, w])."""
-        pooled = masks.sigmoid().flatten(2) @ mask_features.flatten(2).transpose(1, 2)
-        kernels = self.updator(pooled, kernels)
+        # Grouping sums over every pixel (~67k at 800 px, stride 4), which overflows float16
+        # (max 65504): under autocast it and the gated update run in float32.
+        with torch.autocast(device_type=masks.device.type, enabled=False):
+            pooled = (masks.float().sigmoid().flatten(2)
+                      @ mask_features.float().flatten(2).transpose(1, 2))
+            kernels = self.updator(pooled, kernels.float())
         kernels = self.attention_norm(kernels + self.attention(kernels, kernels, kernels,
                                                                need_weights=False)[0])
         kernels = self.ffn_norm(kernels + self.ffn(kernels))
