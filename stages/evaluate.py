@@ -25,6 +25,7 @@ from rich.table import Table
 from torch import nn
 
 from pipeline.atomic import write_json_atomic
+from pipeline.batching import distributed_rank_world
 from pipeline.coco_dataset import eval_loader
 from pipeline.errors import InputError
 from pipeline.evaluation import evaluate_predictions, without_images
@@ -189,17 +190,42 @@ def evaluate_model(model: nn.Module, batches: Iterable[dict], coco_gt: dict,
     """:func:`predict_results` then ``evaluate_predictions(coco_gt, results)``; returns
     ``(metrics, results)``. Images the loader could not read (listed in ``unreadable``, see
     :func:`predict_results`) are left out of the ground truth as well. For in-training
-    validation use ``pipeline.evaluation.flat_metrics(metrics, "val/")``."""
+    validation use ``pipeline.evaluation.flat_metrics(metrics, "val/")``.
+
+    Under ``torch.distributed`` every rank calls it with its slice of the evaluation set (an
+    ``eval_loader`` built with the group's rank and world size); the results are gathered to
+    rank 0, which scores them and returns the metrics of the whole set; the other ranks
+    return ``({}, [])``.
+    """
     skipped: list[dict] = [] if unreadable is None else unreadable
     results = predict_results(model, batches, category_ids, device=device,
                               max_detections=max_detections, score_threshold=score_threshold,
                               total=total, progress=progress, label="evaluate",
                               unreadable=skipped)
+    rank, world = distributed_rank_world()
+    if world > 1:  # each rank predicted its slice of every batch: rank 0 scores them all
+        gathered = gather_to_rank0((results, list(skipped)))
+        if rank != 0:
+            return {}, []
+        results = sorted((r for part, _ in gathered for r in part),
+                         key=lambda r: r["image_id"])  # stable: each image's order is kept
+        skipped[:] = sorted((s for _, part in gathered for s in part),
+                            key=lambda s: s["image_id"])
     gt = without_images(coco_gt, (r["image_id"] for r in skipped))
     if skipped and not gt["images"]:
         raise InputError(f"none of the {len(skipped)} images could be read (first: "
                          f"{skipped[0]['file_name']}: {skipped[0]['error']})")
     return evaluate_predictions(gt, results), results
+
+
+def gather_to_rank0(value):
+    """The list of every rank's ``value`` (picklable) on rank 0, in rank order; None elsewhere."""
+    import torch.distributed as dist
+
+    rank, world = distributed_rank_world()
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(value, parts, dst=0)
+    return parts
 
 
 def check_categories_match(dataset_categories: Sequence[dict], category_ids: Sequence[int],

@@ -85,10 +85,13 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     best = {"value": -1.0, "step": None}
 
     def validate(module: QEISModel, step: int) -> dict:
+        # every rank predicts its slice of the val set; rank 0 scores the gathered results
         batches = eval_loader(val_set, cfg.data.batch_size, resize=cfg.data.eval_resize(),
-                              category_map=category_ids, rank=0, world_size=1)
+                              category_map=category_ids)
         metrics, _ = evaluate_model(module, batches.make_batches(0), val_set.coco,
                                     category_ids, device=device)
+        if not metrics:  # not rank 0
+            return {}
         flat = flat_metrics(metrics, "val/")
         value = flat.get(PRIMARY_METRIC) or 0.0
         if value > best["value"]:

@@ -319,8 +319,9 @@ def train(
     ``resume=True`` continues from ``checkpoints/latest`` (model, optimizer, scheduler, scaler,
     RNG, data position), or starts from scratch if there is none; ``resume=False`` on a
     directory that already holds checkpoints raises ``InputError``. ``evaluate(model, step)``
-    runs on rank 0 (unwrapped model, eval mode, no grad) every ``eval_every`` steps and after
-    the last step; its values go to the metrics. ``extra_state`` (plain values) is stored in
+    runs on every rank (unwrapped model, eval mode, no grad; each rank evaluates its share and
+    rank 0 returns the values) every ``eval_every`` steps and after the last step; rank 0's
+    values go to the metrics. ``extra_state`` (plain values) is stored in
     every checkpoint. ``label`` names the run in its plain progress lines (the stage). Raises
     ``NonFiniteLossError`` when stopping on a non-finite loss.
     """
@@ -557,11 +558,13 @@ class _Run:
         self.logger.log(record)
 
     def _evaluate(self) -> None:
+        # every rank runs it (distributed evaluation: each its slice, rank 0 scores); only
+        # rank 0's values are kept and logged
+        self.model.eval()
+        with torch.no_grad():
+            values = self.evaluate(self.model, self.position.step)
+        self.model.train()
         if self.info.rank == 0:
-            self.model.eval()
-            with torch.no_grad():
-                values = self.evaluate(self.model, self.position.step)
-            self.model.train()
             self.result.last_eval = values
             self.logger.log({"kind": "eval", "step": self.position.step, **values})
         _barrier()
