@@ -209,8 +209,13 @@ def test_build_model_loads_prefixed_backbone_checkpoint(tmp_path):
     assert report.missing == report.unexpected == report.skipped == []
     assert report.ignored == ["module.encoder_k.0.0.weight", "module.encoder_q.fc.0.weight",
                               "queue"]
+    # with a checkpoint the backbone's BatchNorm is frozen (backbone_norm auto): same values,
+    # without BatchNorm's num_batches_tracked counters
+    assert model.cfg.backbone_norm == "frozen"
     loaded = model.backbone.body.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in body.items())
+    weights = {k: v for k, v in body.items() if not k.endswith("num_batches_tracked")}
+    assert sorted(loaded) == sorted(weights)
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
     assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
