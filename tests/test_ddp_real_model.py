@@ -120,8 +120,12 @@ def reports(tmp_path_factory):
             for process in context.processes:
                 process.kill()
             pytest.fail(f"DDP workers did not finish in {TIMEOUT_S} s")
-    torch.set_num_threads(1)
-    single = {stage: _run(stage, out / "single", 0, 1) for stage in ("finetune", "pretrain")}
+    threads = torch.get_num_threads()  # a module fixture: the autouse restore does not cover it
+    torch.set_num_threads(1)  # as the ranks
+    try:
+        single = {stage: _run(stage, out / "single", 0, 1) for stage in ("finetune", "pretrain")}
+    finally:
+        torch.set_num_threads(threads)
     return single, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
