@@ -88,7 +88,7 @@ def test_tiny_prompted_model_overfits_one_image_with_kernel_supervision():
     criterion = PretrainCriterion(num_points=None, identity_warmup_steps=20)
     optimizer = torch.optim.AdamW(prompted.parameters(), lr=3e-3)
     t0 = time.perf_counter()
-    for step in range(150):
+    for step in range(300):
         outputs = prompted(image[None], [prompt])
         losses = criterion(outputs, pretraining_targets(outputs, [masks]),
                            kernel_to_prompt=outputs["kernel_to_prompt"], step=step)
