@@ -71,3 +71,28 @@ def tiny_coco(tmp_path: Path) -> dict:
         "annotations: instances_train.json\n"
     )
     return {"dir": tmp_path, "root": root, "coco": coco, "annotations": ann_path, "manifest": manifest}
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a gloo process group's init_method)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_and_wait(worker, args: tuple, nprocs: int, timeout_s: float) -> None:
+    """``torch.multiprocessing.spawn(worker, args, nprocs)``; kills the workers and fails the
+    test if they have not finished within ``timeout_s``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"spawned workers did not finish in {timeout_s} s")

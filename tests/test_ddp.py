@@ -4,14 +4,13 @@ normaliser is averaged over ranks; a crashed DDP run resumes exactly (per-rank R
 from __future__ import annotations
 
 import json
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.conftest import free_port, spawn_and_wait
 
 from stages.trainer import TrainConfig, distributed_info, train
 from test_trainer import Crash, crashing, make_net, mse_loss, poisoned, quiet, synthetic_batches
@@ -70,22 +69,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def ddp_reports(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("ddp")
-    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"DDP workers did not finish in {TIMEOUT_S} s")
+    spawn_and_wait(_worker, (free_port(), str(out)), WORLD, TIMEOUT_S)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -5,15 +5,14 @@ batch (3 steps, within 1e-5). The backbone uses FrozenBatchNorm2d (``backbone_no
 as multi-GPU runs should: trained BatchNorm statistics differ with the per-GPU batch."""
 from __future__ import annotations
 
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.conftest import free_port, spawn_and_wait
 
 from pipeline.batching import collate
 from pipeline.transforms import Sample
@@ -104,22 +103,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_real")
-    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"DDP workers did not finish in {TIMEOUT_S} s")
+    spawn_and_wait(_worker, (free_port(), str(out)), WORLD, TIMEOUT_S)
     threads = torch.get_num_threads()  # a module fixture: the autouse restore does not cover it
     torch.set_num_threads(1)  # as the ranks
     try:

@@ -2,14 +2,13 @@
 scores the gathered results: exactly the single-process results and metrics."""
 from __future__ import annotations
 
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.conftest import free_port, spawn_and_wait
 
 from pipeline.coco_dataset import eval_loader
 from pipeline.manifest import load_manifest
@@ -40,22 +39,10 @@ def _worker(rank: int, port: int, manifest: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_rank_evaluation_equals_one_process(tmp_path):
     data = write_labeled_set(tmp_path)
-    context = mp.spawn(_worker, args=(_free_port(), str(data["manifest"]), str(tmp_path)),
-                       nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"evaluation workers did not finish in {TIMEOUT_S} s")
+    spawn_and_wait(_worker, (free_port(), str(data["manifest"]), str(tmp_path)), WORLD, TIMEOUT_S)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     torch.set_num_threads(1)
     metrics, results = _evaluate(data["manifest"])
