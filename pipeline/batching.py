@@ -9,7 +9,9 @@
   augmentation draws from ``numpy.random.default_rng([seed, epoch, 1, i])``. With
   ``num_workers > 0`` a torch ``DataLoader`` runs an ``IterableDataset`` whose worker k builds
   the batches ``k, k + K, k + 2K, ...`` of the epoch, and the main process re-orders them by batch
-  number, so the batches never depend on the worker count, timing or global RNG state.
+  number, so the batches never depend on the worker count, timing or global RNG state. Masks
+  cross the process boundary compactly (``pipeline.compact_masks``); workers may persist across
+  epochs (``persistent_workers``) and batches may be pinned for the GPU (``pin_memory``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.compact_masks import CompactMasks, expand_batch_masks
 from pipeline.errors import InputError, UnreadableImage
 from pipeline.transforms import Sample, mask_boxes_xyxy, normalize_image, padded_size
 
@@ -38,7 +41,7 @@ class SampleSource(Protocol):
         ...
 
 
-def collate(samples: Sequence[Sample]) -> dict:
+def collate(samples: Sequence[Sample], compact_masks: bool = False) -> dict:
     """Batch dict of the training contract from transformed samples.
 
     Returns ``images`` float32 [B, 3, H, W] (normalised, zero-padded bottom/right to multiples of
@@ -46,6 +49,9 @@ def collate(samples: Sequence[Sample]) -> dict:
     (``masks`` bool [M, H, W] padded, ``labels`` int64 [M]); and, when the samples carry shape
     grids, ``prompts``: ``boxes`` float32 [M, 4] xyxy divided by the padded (W, H, W, H),
     ``shape_grids`` float32 [M, G, G] in {0, 1}, ``embeddings`` float32 [M, E].
+    ``compact_masks``: each target's ``masks`` is a
+    :class:`~pipeline.compact_masks.CompactMasks` of that padded tensor instead (what a worker
+    process sends; :func:`~pipeline.compact_masks.expand_batch_masks` restores the tensor).
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
@@ -56,8 +62,11 @@ def collate(samples: Sequence[Sample]) -> dict:
     scale = torch.tensor([pad_w, pad_h, pad_w, pad_h], dtype=torch.float32)
     for i, (sample, (h, w)) in enumerate(zip(samples, sizes)):
         images[i, :, :h, :w] = torch.from_numpy(normalize_image(sample.image))
-        masks = torch.zeros((sample.masks.shape[0], pad_h, pad_w), dtype=torch.bool)
-        masks[:, :h, :w] = torch.from_numpy(sample.masks)
+        if compact_masks:
+            masks = CompactMasks.from_dense(sample.masks, frame=(pad_h, pad_w))
+        else:
+            masks = torch.zeros((sample.masks.shape[0], pad_h, pad_w), dtype=torch.bool)
+            masks[:, :h, :w] = torch.from_numpy(sample.masks)
         targets.append({"masks": masks, "labels": torch.as_tensor(sample.labels, dtype=torch.long)})
         if sample.shape_grids is not None:
             embeddings = sample.embeddings
@@ -112,7 +121,15 @@ class BatchLoader:
         drop_last: drop the last incomplete global batch (training: every rank then runs the
             same number of steps). Without it the last global batch is cut into per-rank slices
             that may be short or empty; an empty slice is not yielded.
-        num_workers: DataLoader worker processes (0: build batches in this process).
+        num_workers: DataLoader worker processes (0: build batches in this process). Workers
+            send each target's masks as :class:`~pipeline.compact_masks.CompactMasks` (box
+            crops, bit-packed); the main process expands them, so a batch is the same tensor
+            for tensor whatever the worker count.
+        persistent_workers: keep the worker processes (and what their source caches, e.g. the
+            shard window) from one ``make_batches`` call to the next instead of starting new
+            ones each epoch; they learn the epoch and start batch through a shared tensor.
+        pin_memory: put the batches' tensors in page-locked memory (with workers; only when
+            CUDA is available) so the trainer's ``non_blocking`` copies overlap with compute.
         rank, world_size: this process's place; None takes them from ``torch.distributed``.
         skip_unreadable: a sample whose image cannot be decoded (the source raises
             :class:`~pipeline.errors.UnreadableImage`) is left out of its batch and listed in
@@ -130,6 +147,8 @@ class BatchLoader:
         shuffle: bool = True,
         drop_last: bool = True,
         num_workers: int = 0,
+        persistent_workers: bool = False,
+        pin_memory: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
         skip_unreadable: bool = False,
@@ -158,9 +177,14 @@ class BatchLoader:
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.num_workers = num_workers
+        self.persistent_workers = persistent_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.rank = rank
         self.world_size = world_size
         self.skip_unreadable = skip_unreadable
+        self._plan = _EpochPlan(source, batch_size, rank, world_size, seed, shuffle, drop_last)
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, start
+        self._workers: DataLoader | None = None  # the persistent DataLoader, once started
 
     @property
     def per_rank_batch_size(self) -> int:
@@ -168,51 +192,85 @@ class BatchLoader:
 
     def batches_per_epoch(self) -> int:
         """Global batches (= steps) per epoch."""
-        n = len(self.source)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return self._plan.batches_per_epoch()
 
     def rank_batches(self, epoch: int) -> list[list[int]]:
         """This rank's sample indices of each global batch of ``epoch`` (possibly empty lists
         at the end when ``drop_last`` is off)."""
+        return self._plan.rank_batches(epoch)
+
+    def make_batches(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
+        """This rank's batches of ``epoch`` from global batch number ``start_batch`` on."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        units = self._plan.units(epoch, start_batch)
+        if not units:
+            return iter(())
+        if self.num_workers == 0 or (len(units) == 1 and self._workers is None):
+            build = _BatchBuilder(self.source, self.seed, epoch, self.skip_unreadable)
+            return (build(unit) for unit in units)
+        self._position[0], self._position[1] = epoch, start_batch  # read by the workers
+        if self.persistent_workers:
+            if self._workers is None:
+                self._workers = self._dataloader(self.num_workers)
+            loader = self._workers
+        else:
+            loader = self._dataloader(min(self.num_workers, len(units)))
+        return _in_order(iter(loader), self.pin_memory)
+
+    def _dataloader(self, workers: int) -> DataLoader:
+        return DataLoader(
+            _WorkerStream(self._plan, self._position, self.skip_unreadable),
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=self.persistent_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=_identity,
+            generator=torch.Generator().manual_seed(0),  # leaves the global torch RNG alone
+        )
+
+
+class _EpochPlan:
+    """Which samples make this rank's batches of an epoch (picklable, for the workers)."""
+
+    def __init__(self, source: SampleSource, batch_size: int, rank: int, world_size: int,
+                 seed: int, shuffle: bool, drop_last: bool) -> None:
+        self.source, self.batch_size, self.seed = source, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+
+    def batches_per_epoch(self) -> int:
+        n = len(self.source)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def rank_batches(self, epoch: int) -> list[list[int]]:
         n = len(self.source)
         order = self.source.epoch_order(self.seed, epoch) if self.shuffle else np.arange(n)
-        b = self.per_rank_batch_size
+        b = self.batch_size // self.world_size
         lo = self.rank * b
         return [
             [int(i) for i in order[start : start + self.batch_size][lo : lo + b]]
             for start in range(0, self.batches_per_epoch() * self.batch_size, self.batch_size)
         ]
 
-    def make_batches(self, epoch: int, start_batch: int = 0) -> Iterator[dict]:
-        """This rank's batches of ``epoch`` from global batch number ``start_batch`` on."""
-        if start_batch < 0:
-            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
-        units = [u for u in self.rank_batches(epoch)[start_batch:] if u]
-        build = _BatchBuilder(self.source, self.seed, epoch, self.skip_unreadable)
-        if self.num_workers == 0 or len(units) <= 1:
-            return (build(unit) for unit in units)
-        loader = DataLoader(
-            _BatchStream(build, units),
-            batch_size=None,
-            num_workers=min(self.num_workers, len(units)),
-            collate_fn=_identity,
-            generator=torch.Generator().manual_seed(0),  # leaves the global torch RNG alone
-        )
-        return _in_order(iter(loader))
+    def units(self, epoch: int, start_batch: int) -> list[list[int]]:
+        """The non-empty batches of ``epoch`` from global batch ``start_batch`` on."""
+        return [u for u in self.rank_batches(epoch)[start_batch:] if u]
 
 
 class _BatchBuilder:
     """Picklable ``indices -> batch`` of one epoch (used in this process or in a worker)."""
 
     def __init__(self, source: SampleSource, seed: int, epoch: int,
-                 skip_unreadable: bool = False) -> None:
+                 skip_unreadable: bool = False, compact_masks: bool = False) -> None:
         self.source, self.seed, self.epoch = source, seed, epoch
-        self.skip_unreadable = skip_unreadable
+        self.skip_unreadable, self.compact_masks = skip_unreadable, compact_masks
 
     def __call__(self, indices: Sequence[int]) -> dict:
         if not self.skip_unreadable:
             return collate(
-                [self.source.load(i, sample_rng(self.seed, self.epoch, i)) for i in indices]
+                [self.source.load(i, sample_rng(self.seed, self.epoch, i)) for i in indices],
+                compact_masks=self.compact_masks,
             )
         samples, unreadable = [], []
         for i in indices:
@@ -220,24 +278,30 @@ class _BatchBuilder:
                 samples.append(self.source.load(i, sample_rng(self.seed, self.epoch, i)))
             except UnreadableImage as err:
                 unreadable.append(err.record())
-        batch = collate(samples) if samples else {"image_ids": []}
+        batch = collate(samples, self.compact_masks) if samples else {"image_ids": []}
         batch["unreadable"] = unreadable
         return batch
 
 
-class _BatchStream(IterableDataset):
-    """Yields ``(unit number, batch)``; worker k of K builds units ``k, k + K, ...``."""
+class _WorkerStream(IterableDataset):
+    """Yields ``(unit number, batch)`` of the epoch and start batch that ``position`` (a
+    shared-memory tensor the main process sets before each pass) names; worker k of K builds
+    units ``k, k + K, ...``."""
 
-    def __init__(self, build: Callable[[Sequence[int]], dict], units: list[list[int]]) -> None:
+    def __init__(self, plan: _EpochPlan, position: torch.Tensor, skip_unreadable: bool) -> None:
         super().__init__()
-        self.build, self.units = build, units
+        self.plan, self.position, self.skip_unreadable = plan, position, skip_unreadable
 
     def __iter__(self) -> Iterator[tuple[int, dict | InputError]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        for u in range(worker, len(self.units), workers):
+        epoch, start_batch = (int(v) for v in self.position.tolist())
+        units = self.plan.units(epoch, start_batch)
+        build = _BatchBuilder(self.plan.source, self.plan.seed, epoch, self.skip_unreadable,
+                              compact_masks=True)
+        for u in range(worker, len(units), workers):
             try:
-                yield u, self.build(self.units[u])
+                yield u, build(units[u])
             except InputError as err:  # re-raised as one clear line in the main process
                 yield u, err
                 return
@@ -247,9 +311,10 @@ def _identity(item):
     return item
 
 
-def _in_order(items: Iterator[tuple[int, dict | InputError]]) -> Iterator[dict]:
-    """Re-order ``(number, batch)`` pairs arriving in any order into 0, 1, 2, ...; a worker's
-    InputError is raised here."""
+def _in_order(items: Iterator[tuple[int, dict | InputError]], pin_memory: bool = False
+              ) -> Iterator[dict]:
+    """Re-order ``(number, batch)`` pairs arriving in any order into 0, 1, 2, ..., with their
+    compact masks expanded; a worker's InputError is raised here."""
     pending: dict[int, dict] = {}
     expected = 0
     for number, batch in items:
@@ -257,7 +322,8 @@ def _in_order(items: Iterator[tuple[int, dict | InputError]]) -> Iterator[dict]:
             raise batch
         pending[number] = batch
         while expected in pending:
-            yield pending.pop(expected)
+            batch = pending.pop(expected)
+            yield expand_batch_masks(batch, pin_memory) if isinstance(batch, dict) else batch
             expected += 1
     if pending:
         raise RuntimeError(f"batches {sorted(pending)} arrived but batch {expected} never did")

@@ -127,6 +127,8 @@ def finetune_loader(
     augment_config: AugmentConfig = AugmentConfig(),
     category_map: Sequence[int] | None = None,
     num_workers: int = 0,
+    persistent_workers: bool = False,
+    pin_memory: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
 ) -> BatchLoader:
@@ -136,7 +138,8 @@ def finetune_loader(
     )
     return BatchLoader(
         source, batch_size, seed=seed, shuffle=True, drop_last=True,
-        num_workers=num_workers, rank=rank, world_size=world_size,
+        num_workers=num_workers, persistent_workers=persistent_workers, pin_memory=pin_memory,
+        rank=rank, world_size=world_size,
     )
 
 
@@ -147,6 +150,8 @@ def eval_loader(
     resize: AugmentConfig = eval_config(),
     category_map: Sequence[int] | None = None,
     num_workers: int = 0,
+    persistent_workers: bool = False,
+    pin_memory: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
     skip_unreadable: bool = False,
@@ -161,6 +166,6 @@ def eval_loader(
     source = CocoDataset(dataset, augment_config=resize, category_map=category_map)
     return BatchLoader(
         source, batch_size, seed=0, shuffle=False, drop_last=False,
-        num_workers=num_workers, rank=rank, world_size=world_size,
-        skip_unreadable=skip_unreadable,
+        num_workers=num_workers, persistent_workers=persistent_workers, pin_memory=pin_memory,
+        rank=rank, world_size=world_size, skip_unreadable=skip_unreadable,
     )

@@ -318,11 +318,14 @@ def pretrain_loader(
     grid_size: int = 32,
     shards_per_window: int = 16,
     num_workers: int = 0,
+    persistent_workers: bool = False,
+    pin_memory: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
 ) -> BatchLoader:
     """The pre-training loader: shuffled, augmented, last incomplete global batch dropped.
-    ``loader.source.counts`` reports the skipped images."""
+    ``loader.source.counts`` reports the skipped images (counted in this process, so with
+    persistent workers their shard windows stay warm while the counts stay right)."""
     dataset = ShardDataset(
         shard_dir,
         augment_config=augment_config,
@@ -332,5 +335,6 @@ def pretrain_loader(
     )
     return BatchLoader(
         dataset, batch_size, seed=seed, shuffle=True, drop_last=True,
-        num_workers=num_workers, rank=rank, world_size=world_size,
+        num_workers=num_workers, persistent_workers=persistent_workers, pin_memory=pin_memory,
+        rank=rank, world_size=world_size,
     )

@@ -173,7 +173,7 @@ def predict_results(model: nn.Module, batches: Iterable[dict], category_ids: Seq
                 if unreadable is not None:
                     unreadable.extend(batch.get("unreadable", []))
                 if batch["image_ids"]:
-                    outputs = model(batch["images"].to(device))
+                    outputs = model(batch["images"].to(device, non_blocking=True))
                     results.extend(batch_to_coco_results(outputs, batch, category_ids,
                                                          max_detections, score_threshold))
                 report.advance(1, secondary=len(batch["image_ids"]))
@@ -259,7 +259,7 @@ def run_evaluate(cfg: EvaluateConfig, progress: bool = True) -> dict:
     loader = eval_loader(dataset, cfg.batch_size,
                          resize=eval_config(cfg.short_side, cfg.max_long_side),
                          category_map=loaded.category_ids, num_workers=cfg.num_workers,
-                         rank=0, world_size=1, skip_unreadable=True)
+                         pin_memory=torch.device(device).type == "cuda", rank=0, world_size=1, skip_unreadable=True)
     console.print(f"evaluate: {len(dataset.images)} images of {dataset.name}, checkpoint "
                   f"{loaded.checkpoint} (step {loaded.step}), device {device}")
     unreadable: list[dict] = []

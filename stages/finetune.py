@@ -76,7 +76,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
                              num_points=cfg.num_points).to(device)
     loader = finetune_loader(
         train_set, cfg.data.batch_size, seed=cfg.data.seed, augment_config=cfg.data.augment(),
-        category_map=category_ids, num_workers=cfg.data.num_workers,
+        category_map=category_ids, **cfg.data.worker_options(device),
     )
 
     def loss_fn(module, batch, step):
@@ -84,10 +84,12 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
 
     best = {"value": -1.0, "step": None}
 
+    if val_set is not None:  # one loader (and its persistent workers) for every validation
+        batches = eval_loader(val_set, cfg.data.batch_size, resize=cfg.data.eval_resize(),
+                              category_map=category_ids, **cfg.data.worker_options(device))
+
     def validate(module: QEISModel, step: int) -> dict:
         # every rank predicts its slice of the val set; rank 0 scores the gathered results
-        batches = eval_loader(val_set, cfg.data.batch_size, resize=cfg.data.eval_resize(),
-                              category_map=category_ids)
         metrics, _ = evaluate_model(module, batches.make_batches(0), val_set.coco,
                                     category_ids, device=device)
         if not metrics:  # not rank 0

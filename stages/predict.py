@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from rich.console import Console
 
 from pipeline.atomic import write_bytes_atomic, write_json_atomic
@@ -146,7 +147,8 @@ def run_predict(cfg: PredictConfig, progress: bool = True) -> dict:
     # the targets are not used: the dataset's own category map (if any) never fails
     loader = eval_loader(dataset, cfg.batch_size,
                          resize=eval_config(cfg.short_side, cfg.max_long_side),
-                         num_workers=cfg.num_workers, rank=0, world_size=1,
+                         num_workers=cfg.num_workers, pin_memory=torch.device(device).type == "cuda",
+                         rank=0, world_size=1,
                          skip_unreadable=True)
     console.print(f"predict: {len(dataset.images)} images, checkpoint {loaded.checkpoint} "
                   f"(step {loaded.step}), device {device}")

@@ -86,7 +86,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         augment_config=cfg.data.augment(),
         mask_filter=MaskFilter(cfg.masks.min_score, cfg.masks.min_area, cfg.masks.max_masks),
         grid_size=grid_size,
-        num_workers=cfg.data.num_workers,
+        **cfg.data.worker_options(device),
     )
     embedding_dim = loader.source.embedding_dim
     model_cfg = cfg.model.build_config(num_classes=1, freeze_pretrained_backbone=True)

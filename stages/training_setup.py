@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.errors import InputError
@@ -63,6 +64,8 @@ class DataSection(BaseModel):
     flip_prob: float = 0.5
     eval_short_side: int = 800
     num_workers: int = 2
+    persistent_workers: bool = True  # keep the loader's workers from one epoch to the next
+    pin_memory: bool | None = None  # page-locked batches; None: on when training on CUDA
     seed: int = 0
 
     def augment(self) -> AugmentConfig:
@@ -73,6 +76,13 @@ class DataSection(BaseModel):
 
     def eval_resize(self) -> AugmentConfig:
         return eval_config(self.eval_short_side, self.max_long_side)
+
+    def worker_options(self, device: torch.device) -> dict:
+        """The loader keywords for worker processes on ``device``: ``num_workers``,
+        ``persistent_workers``, ``pin_memory`` (None resolved: on for a CUDA device)."""
+        pin = self.pin_memory if self.pin_memory is not None else device.type == "cuda"
+        return {"num_workers": self.num_workers, "persistent_workers": self.persistent_workers,
+                "pin_memory": pin}
 
 
 def build_stage_model(cfg: ModelConfig):

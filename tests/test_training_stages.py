@@ -140,3 +140,26 @@ def test_finetune_init_skip_keeps_named_tensors_fresh(world, pretrained, tmp_pat
     init = json.loads((out / "stage.json").read_text())["counts"]["init"]
     assert init["reinitialised"] and all("cls_fcs" in k for k in init["reinitialised"])
     assert not set(init["reinitialised"]) & set(init["skipped"])
+
+
+def _evals(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in r.items() if k.startswith("val/")}
+            for r in map(json.loads, lines) if r["kind"] == "eval"]
+
+
+def test_persistent_loader_workers_train_and_validate_like_one_process(world, pretrained,
+                                                                        finetuned, tmp_path):
+    # 2 persistent workers, compact masks: pretrain runs 2 epochs of 3 batches, finetune 3
+    # epochs of 2 batches plus 2 validations; losses and metrics equal the 0-worker runs
+    out = tmp_path / "pretrain_workers"
+    invoke("stage", "pretrain", "--shards", world / "propose", "--out", out,
+           "--config", world / "pretrain.yaml", "--num-workers", 2, "--no-progress")
+    assert losses(out) == losses(pretrained)
+    out = tmp_path / "ft_workers"
+    invoke("stage", "finetune", "--train", world / "data" / "train.yaml",
+           "--val", world / "data" / "val.yaml", "--init", "none", "--out", out,
+           "--config", world / "train.yaml", "--num-workers", 2, "--no-progress")
+    reference = finetuned["scratch"][0]
+    assert losses(out) == losses(reference)
+    assert _evals(out) == _evals(reference) and len(_evals(out)) == 2
