@@ -63,7 +63,10 @@ class CompactMasks:
 
     def to_dense(self, pin_memory: bool = False) -> torch.Tensor:
         """The bool tensor ``[M, H, W]``; in page-locked memory when ``pin_memory``."""
-        dense = torch.zeros(self.shape, dtype=torch.bool, pin_memory=pin_memory)
+        if pin_memory:  # CUDA's caching host allocator reuses its page-locked blocks
+            dense = torch.zeros(self.shape, dtype=torch.bool, pin_memory=True)
+        else:  # calloc: pages nobody writes stay unmapped zeros (torch.zeros would touch all)
+            dense = torch.from_numpy(np.zeros(self.shape, dtype=bool))
         view = dense.numpy()
         heights = self.boxes[:, 1] - self.boxes[:, 0]
         widths = self.boxes[:, 3] - self.boxes[:, 2]
