@@ -180,8 +180,8 @@ def measure_evaluation(preset: str, decoder: str, batch: int, height: int, width
 def measure_propose(model_name: str, batch: int, steps: int, device: str) -> Row:
     from uplvp_model.proposal.base import build_proposer
 
-    proposer = build_proposer("clip", model_name=model_name, checkpoint=None, device=device,
-                              vocabulary=["object", "person", "car", "dog"])
+    proposer = build_proposer("clip", model_name=model_name, checkpoint=None, random_weights=True,
+                              device=device, vocabulary=["object", "person", "car", "dog"])
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(batch)]
     start = _peak_start(device)

@@ -250,6 +250,7 @@ def main() -> None:
             images = all_images[:n]
             cfg = ProposeConfig(images=tmp / "data" / "unlabeled.yaml", out=tmp / "unused",
                                 proposer=proposer, clip_model=args.clip_model, options=options,
+                                random_weights=True,
                                 shard_size=args.shard_size, batch_size=args.batch_size,
                                 device="cpu")
             shards = [s.index for s in plan_shards(n, args.shard_size)]

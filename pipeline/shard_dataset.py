@@ -32,7 +32,13 @@ from pycocotools import mask as mask_utils
 from pipeline.batching import BatchLoader, order_rng
 from pipeline.errors import InputError
 from pipeline.images import ImageReadError, read_image_rgb
-from pipeline.shards import IMAGES_SCHEMA, MASKS_SCHEMA, shard_file, validate_shard_file
+from pipeline.shards import (
+    IMAGES_SCHEMA,
+    MASKS_SCHEMA,
+    read_metadata,
+    shard_file,
+    validate_shard_file,
+)
 from pipeline.transforms import AugmentConfig, Sample, augment
 
 _SHARD_NAME = re.compile(r"shard-(\d+)\.parquet")
@@ -270,6 +276,14 @@ def _read_table(path: Path, columns: list[str]) -> pa.Table:
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as err:
         raise InputError(f"cannot read shard data ({err})", path) from None
+
+
+def proposal_weights(shard_dir: str | Path) -> dict | None:
+    """The ``weights`` record (``kind`` none | checkpoint | random, ``source``) of the folder's
+    first shard, or None when its shards predate the record (docs/shards.md)."""
+    shards = find_shards(Path(shard_dir))
+    weights = read_metadata(shards[0].images).get("weights")
+    return weights if isinstance(weights, dict) else None
 
 
 def find_shards(shard_dir: Path) -> list[_ShardFiles]:

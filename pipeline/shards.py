@@ -110,11 +110,13 @@ def shard_file(out_dir: Path, kind: str, index: int) -> Path:
     return Path(out_dir) / kind / f"shard-{index:05d}.parquet"
 
 
-def shard_metadata(config_hash: str, index: int, image_rows: Sequence[dict]) -> dict[str, Any]:
+def shard_metadata(config_hash: str, index: int, image_rows: Sequence[dict],
+                   weights: dict[str, str] | None = None) -> dict[str, Any]:
     """The ``uplvp`` key-value metadata of both files of a shard (docs/shards.md); the counts
-    let a reader total a large folder from the Parquet footers alone."""
+    let a reader total a large folder from the Parquet footers alone; ``weights`` (``kind``
+    none | checkpoint | random, ``source``) says which model weights made the masks."""
     statuses = [row["status"] for row in image_rows]
-    return {
+    meta = {
         "format_version": SHARD_FORMAT_VERSION,
         "config_hash": config_hash,
         "shard_index": index,
@@ -123,6 +125,9 @@ def shard_metadata(config_hash: str, index: int, image_rows: Sequence[dict]) -> 
         "num_images_error": statuses.count("error"),
         "num_masks": sum(int(row["num_masks"]) for row in image_rows),
     }
+    if weights is not None:
+        meta["weights"] = dict(weights)
+    return meta
 
 
 def write_shard(
@@ -131,9 +136,10 @@ def write_shard(
     mask_rows: Sequence[dict],
     image_rows: Sequence[dict],
     config_hash: str,
+    weights: dict[str, str] | None = None,
 ) -> None:
     """Write both files of shard ``index`` atomically: masks first, images (the marker) last."""
-    meta = shard_metadata(config_hash, index, image_rows)
+    meta = shard_metadata(config_hash, index, image_rows, weights)
     _write_table(shard_file(out_dir, "masks", index), mask_rows, MASKS_SCHEMA, meta)
     fault_point("between-files", index)
     _write_table(shard_file(out_dir, "images", index), image_rows, IMAGES_SCHEMA, meta)

@@ -76,6 +76,10 @@ def stage_propose(
     backbone_checkpoint: Optional[str] = typer.Option(
         None, help="Local ResNet-50 weights for the freemask proposer."
     ),
+    random_weights: Optional[bool] = typer.Option(
+        None, "--random-weights",
+        help="Run clip / freemask without a checkpoint, on random weights (meaningless masks: "
+             "speed and test runs only; refused otherwise)."),
     vocabulary: Optional[Path] = typer.Option(
         None, help="Class names, one per line (default: the 80 COCO names)."
     ),
@@ -107,7 +111,7 @@ def stage_propose(
         dict(
             images=images, out=out, proposer=proposer, clip_model=clip_model,
             clip_checkpoint=clip_checkpoint, backbone_checkpoint=backbone_checkpoint,
-            vocabulary=vocabulary, top_k=top_k, min_area=min_area, shard_size=shard_size,
+            random_weights=random_weights, vocabulary=vocabulary, top_k=top_k, min_area=min_area, shard_size=shard_size,
             batch_size=batch_size, max_side=max_side, device=device, num_workers=num_workers,
             ray_address=ray_address, shards=shards, shard_index=shard_index,
             num_shards=num_shards, overwrite=overwrite,

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from pipeline.errors import InputError
 from pipeline.run_record import now_iso, write_run_record
-from pipeline.shard_dataset import MaskFilter, pretrain_loader
+from pipeline.shard_dataset import MaskFilter, pretrain_loader, proposal_weights
 from stages.config import StageConfig
 from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
 from stages.training_setup import DataSection, ModelSection, build_stage_model
@@ -118,6 +118,11 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
                          step=step)
 
     counts = loader.source.counts
+    weights = proposal_weights(cfg.shards)
+    if weights is not None and weights.get("kind") == "random":
+        console.print(f"[yellow]warning: these shards were made by RANDOM weights "
+                      f"({weights.get('source')}): their pseudo masks are meaningless, so is "
+                      f"pre-training on them (speed / test run)[/yellow]")
     console.print(
         f"pretrain: {len(loader.source)} images with pseudo masks "
         f"({_format_counts(counts)}), model {cfg.model.preset}/{cfg.model.decoder}, "
@@ -141,7 +146,8 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     if info.rank == 0:
         write_run_record(
             cfg.out, stage="pretrain", config=cfg.resolved(), config_hash=cfg.config_hash(),
-            inputs={"shards": str(cfg.shards)}, counts=summary, started_at=started,
+            inputs={"shards": str(cfg.shards), "proposal_weights": weights}, counts=summary,
+            started_at=started,
         )
         console.print(f"pretrain done: step {result.step}, checkpoint {result.checkpoint}")
     return summary

@@ -44,6 +44,7 @@ class ProposeConfig(StageConfig):
     clip_model: str = "ViT-B-16"
     clip_checkpoint: str | None = None
     backbone_checkpoint: str | None = None
+    random_weights: bool = False  # allow clip / freemask without a checkpoint (tests, speed)
     vocabulary: Path | None = None
     top_k: int = 20
     min_area: int = 32
@@ -63,7 +64,7 @@ class ProposeConfig(StageConfig):
 
     HASH_EXCLUDE = frozenset(
         {"images", "out", "device", "num_workers", "ray_address", "shards", "shard_index",
-         "num_shards", "overwrite"}
+         "num_shards", "overwrite", "random_weights"}
     )
 
 
@@ -71,7 +72,8 @@ def proposer_options(cfg: ProposeConfig) -> dict[str, Any]:
     """Keyword options for ``build_proposer(cfg.proposer, ...)``."""
     options: dict[str, Any] = {"top_k": cfg.top_k, "min_area": cfg.min_area}
     if cfg.proposer == "clip":
-        options.update(model_name=cfg.clip_model, checkpoint=cfg.clip_checkpoint)
+        options.update(model_name=cfg.clip_model, checkpoint=cfg.clip_checkpoint,
+                       random_weights=cfg.random_weights)
         options["device"] = resolve_device(cfg.device)
         # text embeddings are computed once per (model, vocabulary) and reused by every actor
         # and every rerun; the file carries its key, so a stale one is recomputed
@@ -79,7 +81,8 @@ def proposer_options(cfg: ProposeConfig) -> dict[str, Any]:
         if cfg.vocabulary is not None:
             options["vocabulary"] = read_vocabulary(cfg.vocabulary)
     elif cfg.proposer == "freemask":
-        options.update(checkpoint=cfg.backbone_checkpoint, device=resolve_device(cfg.device))
+        options.update(checkpoint=cfg.backbone_checkpoint, random_weights=cfg.random_weights,
+                       device=resolve_device(cfg.device))
     options.update(cfg.options)
     return options
 
@@ -98,6 +101,35 @@ def read_vocabulary(path: Path) -> list[str]:
     if len(set(names)) != len(names):
         raise InputError("vocabulary file lists a name twice", path)
     return names
+
+
+def check_weights_given(cfg: ProposeConfig) -> None:
+    """A model-based proposer without weights is refused (one line) unless ``random_weights``:
+    random weights give meaningless masks that every later stage would accept."""
+    missing = {"clip": ("--clip-checkpoint FILE", cfg.clip_checkpoint,
+                        "open_clip weights for --clip-model; benchmarks/train_clip.py trains one"),
+               "freemask": ("--backbone-checkpoint FILE", cfg.backbone_checkpoint,
+                            "local ResNet weights")}.get(cfg.proposer)
+    if missing is None or missing[1] is not None or cfg.random_weights:
+        return
+    option, _, what = missing
+    raise InputError(
+        f"--proposer {cfg.proposer} needs {option} ({what}): without weights its masks are "
+        "meaningless; pass --random-weights only for a speed or test run"
+    )
+
+
+def proposal_weights(cfg: ProposeConfig) -> dict[str, str]:
+    """Which weights make this run's masks (shard metadata and stage.json ``inputs``):
+    ``kind`` none (weight-free classical) | checkpoint | random, and ``source``."""
+    if cfg.proposer == "classical":
+        return {"kind": "none", "source": "classical (weight-free)"}
+    checkpoint = cfg.clip_checkpoint if cfg.proposer == "clip" else cfg.backbone_checkpoint
+    model = cfg.clip_model if cfg.proposer == "clip" else str(cfg.options.get("backbone",
+                                                                              "resnet50"))
+    if checkpoint is None:
+        return {"kind": "random", "source": f"{cfg.proposer} {model}: random init"}
+    return {"kind": "checkpoint", "source": f"{cfg.proposer} {model}: {checkpoint}"}
 
 
 def select_shards(cfg: ProposeConfig, num_shards: int) -> list[int]:
@@ -129,6 +161,7 @@ def worker_kwargs(cfg: ProposeConfig, images: list[tuple[int, str]], run_hash: s
         batch_size=cfg.batch_size,
         max_side=cfg.max_side,
         grid_size=cfg.grid_size,
+        weights=proposal_weights(cfg),
     )
 
 
@@ -141,6 +174,7 @@ def run_propose(cfg: ProposeConfig, progress: bool = True) -> int:
     for field in ("shard_size", "batch_size", "max_side", "grid_size", "top_k"):
         if getattr(cfg, field) < 1:
             raise InputError(f"--{field.replace('_', '-')} must be >= 1")
+    check_weights_given(cfg)
     shards = plan_shards(len(images), cfg.shard_size)
     selected = select_shards(cfg, len(shards))
     # Shards depend on the config and on the exact image list: both go into the hash.
@@ -162,6 +196,9 @@ def run_propose(cfg: ProposeConfig, progress: bool = True) -> int:
     )
     if cfg.proposer == "classical":
         console.print("proposer 'classical': weight-free OpenCV segmentation (no CLIP model)")
+    elif proposal_weights(cfg)["kind"] == "random":
+        console.print(f"[yellow]warning: proposer '{cfg.proposer}' runs on RANDOM weights "
+                      "(--random-weights): its masks are meaningless (speed / test run)[/yellow]")
 
     kwargs = worker_kwargs(cfg, images, run_hash)
     executor = ExecutorConfig(num_workers=cfg.num_workers, ray_address=cfg.ray_address)
@@ -194,7 +231,8 @@ def run_propose(cfg: ProposeConfig, progress: bool = True) -> int:
         stage="propose",
         config=cfg.resolved(),
         config_hash=run_hash,
-        inputs={"images": str(cfg.images), "image_list_hash": image_list_hash(images)},
+        inputs={"images": str(cfg.images), "image_list_hash": image_list_hash(images),
+                "weights": proposal_weights(cfg)},
         counts=counts,
         started_at=started,
     )

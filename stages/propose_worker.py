@@ -39,6 +39,7 @@ class ProposeShardWorker:
         batch_size: int,
         max_side: int,
         grid_size: int,
+        weights: dict[str, str] | None = None,
     ):
         self.images = images
         self.out_dir = out_dir
@@ -47,6 +48,7 @@ class ProposeShardWorker:
         self.batch_size = batch_size
         self.max_side = max_side
         self.grid_size = grid_size
+        self.weights = weights
         self.setup_error: str | None = None
         try:
             self.proposer = build_proposer(proposer, **proposer_options)
@@ -98,7 +100,8 @@ class ProposeShardWorker:
                 image_rows.append(_image_row(image_id, path, (h, w), "ok", "", len(masks)))
         image_rows.sort(key=lambda r: r["image_id"])
         fault_point("before-write", shard_index)
-        write_shard(self.out_dir, shard_index, mask_rows, image_rows, self.config_hash)
+        write_shard(self.out_dir, shard_index, mask_rows, image_rows, self.config_hash,
+                    self.weights)
         return {
             "shard": shard_index,
             "status": "ok",

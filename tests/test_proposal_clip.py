@@ -139,7 +139,9 @@ def test_clip_proposer_returns_well_formed_deterministic_results(tiny):
         min_peak=0.34,
         min_area=4,
     )
-    proposer = build_proposer("clip", **options)
+    with pytest.raises(ValueError, match="no CLIP checkpoint given: random weights give meaningless"):
+        build_proposer("clip", **options)
+    proposer = build_proposer("clip", random_weights=True, **options)
     assert isinstance(proposer, ClipProposer) and proposer.embedding_dim == 32
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), rng.integers(0, 256, (64, 30, 3), dtype=np.uint8)]

@@ -68,7 +68,9 @@ def test_load_backbone_from_moco_style_checkpoint(tmp_path, caplog):
 
 def test_freemask_proposer_returns_well_formed_deterministic_results():
     options = dict(backbone="resnet18", input_size=64, min_maskness=0.0, min_score=0.0, min_area=4)
-    proposer = build_proposer("freemask", **options)
+    with pytest.raises(ValueError, match="no backbone checkpoint given: random weights give"):
+        build_proposer("freemask", **options)
+    proposer = build_proposer("freemask", random_weights=True, **options)
     assert isinstance(proposer, FreeMaskProposer) and proposer.embedding_dim == 256
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), rng.integers(0, 256, (64, 30, 3), dtype=np.uint8)]
@@ -86,5 +88,6 @@ def test_freemask_proposer_returns_well_formed_deterministic_results():
     assert all(np.array_equal(a.mask, b.mask) for r, q in zip(again, results) for a, b in zip(r, q))
     config = proposer.config()
     assert config["pretrained"] is False and config["query_scales"] == [1.0, 0.5, 0.25]
-    strict = FreeMaskProposer(backbone="resnet18", input_size=64, min_score=1.01)
+    strict = FreeMaskProposer(backbone="resnet18", input_size=64, min_score=1.01,
+                              random_weights=True)
     assert strict.propose(images) == [[], []]

@@ -9,7 +9,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from typer.testing import CliRunner
 
-from pipeline.shards import shard_file
+from pipeline.shards import read_metadata, shard_file
 from pipeline.synth import write_synth_dataset
 from stages.cli import app
 from uplvp_model.proposal.ingredients import unpack_bits
@@ -83,6 +83,12 @@ def test_classical_writes_all_shards_with_valid_rows(classical_run):
     assert record["config"]["proposer"] == "classical"
 
 
+def test_shards_and_record_say_which_weights_made_them(classical_run):
+    none = {"kind": "none", "source": "classical (weight-free)"}
+    assert all(read_metadata(p)["weights"] == none for p in classical_run.rglob("shard-*.parquet"))
+    assert json.loads((classical_run / "stage.json").read_text())["inputs"]["weights"] == none
+
+
 def test_corrupt_image_becomes_an_error_row(classical_run):
     _, images = read(classical_run)
     bad = images[images.image_path.str.endswith("unlabeled_000003b.png")].iloc[0]
@@ -144,10 +150,20 @@ def test_clip_proposer_with_tiny_random_model(pool, tmp_path):
     vocabulary.write_text("# two classes\ncircle\nsquare\n")
     config = tmp_path / "clip.yaml"
     config.write_text("options: {temperature: 0.001, min_peak: 0.01, threshold: 0.01, max_area_fraction: 1.0}\n")
-    result = propose(pool, tmp_path / "clip", "--proposer", "clip", "--clip-model",
-                     ASSETS / "tiny-clip-vit.json", "--shards", "0", "--device", "cpu",
-                     "--vocabulary", vocabulary, "--config", config)
+    args = ("--proposer", "clip", "--clip-model", ASSETS / "tiny-clip-vit.json", "--shards", "0",
+            "--device", "cpu", "--vocabulary", vocabulary, "--config", config)
+    refused = propose(pool, tmp_path / "clip", *args)  # no checkpoint, random weights not asked
+    assert refused.exit_code == 2 and len(refused.output.strip().splitlines()) == 1
+    assert ("--proposer clip needs --clip-checkpoint FILE" in flat(refused)
+            and "pass --random-weights only for a speed or test run" in flat(refused))
+    assert not (tmp_path / "clip").exists()
+    result = propose(pool, tmp_path / "clip", *args, "--random-weights")
     assert result.exit_code == 0, result.output
+    assert "runs on RANDOM weights" in flat(result)
+    weights = {"kind": "random", "source": f"clip {ASSETS / 'tiny-clip-vit.json'}: random init"}
+    assert read_metadata(shard_file(tmp_path / "clip", "masks", 0))["weights"] == weights
+    record = json.loads((tmp_path / "clip" / "stage.json").read_text())
+    assert record["inputs"]["weights"] == weights
     masks, images = read(tmp_path / "clip")
     assert len(images) == 3
     assert sorted(masks.image_id.unique()) == sorted(images.image_id)  # every image has masks
@@ -159,8 +175,12 @@ def test_clip_proposer_with_tiny_random_model(pool, tmp_path):
 def test_freemask_proposer_with_small_random_backbone(pool, tmp_path):
     config = tmp_path / "freemask.yaml"
     config.write_text("options: {backbone: resnet18, input_size: 64}\n")
-    result = propose(pool, tmp_path / "fm", "--proposer", "freemask", "--config", config,
-                     "--shards", "2", "--device", "cpu")
+    args = ("--proposer", "freemask", "--config", config, "--shards", "2", "--device", "cpu")
+    refused = propose(pool, tmp_path / "fm", *args)
+    assert refused.exit_code == 2 and "--proposer freemask needs --backbone-checkpoint" in flat(refused)
+    result = propose(pool, tmp_path / "fm", *args, "--random-weights")
     assert result.exit_code == 0, result.output
+    assert read_metadata(shard_file(tmp_path / "fm", "images", 2))["weights"] == {
+        "kind": "random", "source": "freemask resnet18: random init"}
     _, images = read(tmp_path / "fm")
     assert images.image_id.tolist() == [7, 8]

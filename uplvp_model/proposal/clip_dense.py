@@ -292,6 +292,7 @@ class ClipProposer:
         nms_iou: float = 0.5,
         top_k: int = 20,
         text_cache: TextEmbeddingCache = TEXT_EMBEDDING_CACHE,
+        random_weights: bool = False,
     ) -> None:
         for name, value in (("threshold", threshold), ("min_peak", min_peak),
                             ("max_area_fraction", max_area_fraction)):
@@ -299,6 +300,11 @@ class ClipProposer:
                 raise ValueError(f"clip proposer option {name} must be in (0, 1], got {value}")
         if temperature <= 0:
             raise ValueError(f"clip proposer option temperature must be > 0, got {temperature}")
+        if checkpoint is None and not random_weights:
+            raise ValueError(
+                "no CLIP checkpoint given: random weights give meaningless masks; pass a "
+                "checkpoint, or random_weights=True for a speed or test run"
+            )
         self.vocabulary = check_vocabulary(vocabulary)
         self.templates = check_templates(templates)
         self.background_words = [w for w in background_words if w not in self.vocabulary]

@@ -145,7 +145,13 @@ class FreeMaskProposer:
         top_band: float = 0.2,
         min_area: int = 32,
         min_score: float = 0.5,
+        random_weights: bool = False,
     ) -> None:
+        if checkpoint is None and not random_weights:
+            raise ValueError(
+                "no backbone checkpoint given: random weights give meaningless masks; pass a "
+                "checkpoint, or random_weights=True for a speed or test run"
+            )
         self.backbone = load_backbone(backbone, checkpoint, feature_level, device)
         self.device = torch.device(device)
         self.stride = STRIDES[feature_level]
