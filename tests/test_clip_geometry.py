@@ -7,9 +7,9 @@ proposer feeds it: a red patch gets exactly the text embedding of "star", a gree
 embeddings are one-hot vectors, so the only thing under test is the geometry: downscale,
 letterbox, the crop of the valid patches, the two upsamplings back to the image and the
 mask-pooled embedding. The planted rectangles are aligned with the patch grid, so a correct
-pipeline returns them up to the bilinear edges (IoU 0.98 and 0.97 measured); a one-patch shift, a missed padding crop (a stretch by
-160 / 96: both cases then fail, tried) or a transposed size would each cost far more than the
-0.1 of IoU allowed.
+pipeline returns them up to the bilinear edges (IoU 0.98 and 0.97 measured); a one-patch
+shift, a missed padding crop (a stretch by 160 / 96: both cases then fail, tried) or a
+transposed size would each cost far more than the 0.1 of IoU allowed.
 """
 from __future__ import annotations
 
