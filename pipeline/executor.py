@@ -6,7 +6,8 @@ writes its own outputs; the executor only schedules and collects summaries.
 
 Ray execution: ``ray.data.from_items(shards)`` -> ``map_batches(actor class, batch_size=1,
 compute=ActorPoolStrategy(size=n))``. Actors ask for a fraction of a CPU each so that Ray Data's
-own tasks are never starved (on 2 cores, actors holding every CPU deadlock the pipeline), and for
+own tasks are never starved (on 2 cores, actors holding every CPU deadlock the pipeline), never
+more than the largest node has (an actor asking for more waits forever), and for
 one GPU each only when the cluster has GPUs (asking for an absent GPU makes Ray wait forever).
 
 Worker faults on Ray: a dead actor (killed process, node lost) is restarted without limit
@@ -75,7 +76,8 @@ def _run_on_ray_started(shard_indices, worker_cls, worker_kwargs, config: Execut
     has_gpu = resources.get("GPU", 0) > 0
     use_gpu = has_gpu if config.use_gpu is None else (config.use_gpu and has_gpu)
     num_workers = max(1, min(config.num_workers, len(shard_indices)))
-    cpus = config.cpus_per_worker or cpus_per_worker(total_cpus, num_workers)
+    cpus = config.cpus_per_worker or cpus_per_worker(total_cpus, num_workers,
+                                                     largest_node_cpus())
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # the stage shows its own bar
@@ -138,10 +140,24 @@ def _map_shards(dataset, worker_cls, kwargs_ref, num_workers: int, cpus: float, 
     )
 
 
-def cpus_per_worker(total_cpus: float, num_workers: int) -> float:
+def cpus_per_worker(total_cpus: float, num_workers: int,
+                    largest_node_cpus: float | None = None) -> float:
     """CPUs each actor asks for: an equal share of all but half a CPU (kept for Ray Data's
-    read/scheduling tasks), at least 0.1."""
-    return max(0.1, round((total_cpus - 0.5) / num_workers, 2))
+    read/scheduling tasks), at least 0.1, and at most the CPUs of the largest node: an actor
+    runs on one node, and on a cluster the share of the total can exceed every node (one actor
+    on two 1-CPU nodes asked for 1.5 CPUs and waited for them forever)."""
+    share = max(0.1, round((total_cpus - 0.5) / num_workers, 2))
+    if largest_node_cpus:
+        share = min(share, largest_node_cpus)
+    return share
+
+
+def largest_node_cpus() -> float | None:
+    """CPUs of the connected Ray cluster's largest live node (None: no node reports CPUs)."""
+    import ray
+
+    cpus = [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    return max(cpus, default=None) or None
 
 
 def ensure_ray(address: str | None) -> bool:

@@ -8,7 +8,8 @@ Format: comma-separated ``key=value`` pairs, for example
 ``point=between-files,shard=1,action=block,flag=/tmp/x/blocked``:
 
 - ``point``: where it fires, one of :data:`POINTS`.
-- ``shard``: the shard index it fires for.
+- ``shard``: the shard index it fires for, or ``*`` for any shard (the first one the process
+  reaches, with ``flag``).
 - ``action``: ``block`` (sleep until killed), ``exit`` (``os._exit(1)``, no cleanup) or
   ``raise`` (``RuntimeError``).
 - ``flag`` (optional): a file path. The fault fires only while that file does not exist, and
@@ -40,7 +41,9 @@ def fault_point(point: str, shard: int) -> None:
     rule = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
     if rule.get("point") not in POINTS or rule.get("action") not in ACTIONS:
         raise ValueError(f"{ENV_VAR}={spec!r}: point must be one of {POINTS}, action of {ACTIONS}")
-    if rule["point"] != point or int(rule.get("shard", -1)) != shard:
+    if rule["point"] != point:
+        return
+    if rule.get("shard") != "*" and int(rule.get("shard", -1)) != shard:
         return
     flag = rule.get("flag")
     if flag is not None:
