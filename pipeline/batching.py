@@ -46,7 +46,9 @@ def collate(samples: Sequence[Sample], compact_masks: bool = False) -> dict:
 
     Returns ``images`` float32 [B, 3, H, W] (normalised, zero-padded bottom/right to multiples of
     32), ``image_ids``, ``image_sizes`` ``[(h, w)]`` (valid region), ``orig_sizes``, ``targets``
-    (``masks`` bool [M, H, W] padded, ``labels`` int64 [M]); and, when the samples carry shape
+    (``masks`` bool [M, H, W] padded, ``labels`` int64 [M], and ``label_index`` int64 [M] when
+    the samples carry it: shard samples, the proposer's vocabulary index); and, when the samples
+    carry shape
     grids, ``prompts``: ``boxes`` float32 [M, 4] xyxy divided by the padded (W, H, W, H),
     ``shape_grids`` float32 [M, G, G] in {0, 1}, ``embeddings`` float32 [M, E].
     ``compact_masks``: each target's ``masks`` is a
@@ -67,7 +69,10 @@ def collate(samples: Sequence[Sample], compact_masks: bool = False) -> dict:
         else:
             masks = torch.zeros((sample.masks.shape[0], pad_h, pad_w), dtype=torch.bool)
             masks[:, :h, :w] = torch.from_numpy(sample.masks)
-        targets.append({"masks": masks, "labels": torch.as_tensor(sample.labels, dtype=torch.long)})
+        target = {"masks": masks, "labels": torch.as_tensor(sample.labels, dtype=torch.long)}
+        if sample.label_index is not None:
+            target["label_index"] = torch.as_tensor(sample.label_index, dtype=torch.long)
+        targets.append(target)
         if sample.shape_grids is not None:
             embeddings = sample.embeddings
             if embeddings is None:

@@ -44,7 +44,8 @@ from pipeline.transforms import AugmentConfig, Sample, augment
 _SHARD_NAME = re.compile(r"shard-(\d+)\.parquet")
 _IMAGE_COLUMNS = ["image_id", "image_path", "height", "width", "status"]
 _INDEX_COLUMNS = ["image_id", "score", "area", "mask_index"]
-_LOAD_COLUMNS = [*_INDEX_COLUMNS, "height", "width", "rle_counts", "clip_embedding", "shape_grid"]
+_LOAD_COLUMNS = [*_INDEX_COLUMNS, "height", "width", "rle_counts", "clip_embedding", "shape_grid",
+                 "label_index"]
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ class ShardDataset:
 
     def raw_sample(self, index: int) -> Sample:
         """Sample ``index`` at the proposal resolution, before any transform; masks in
-        descending score order, labels all 0."""
+        descending score order, labels all 0, ``label_index`` the proposer's vocabulary index
+        of each mask (the text loss's target)."""
         image_id = int(self.image_ids[index])
         h, w = (int(v) for v in self.image_sizes[index])
         shard = self._shard(int(self.shard_of[index]))
@@ -204,6 +206,7 @@ class ShardDataset:
             orig_size=(h, w),
             shape_grids=grids.reshape(-1, self.grid_size, self.grid_size).astype(bool),
             embeddings=shard.embeddings[rows].astype(np.float32),
+            label_index=shard.label_index[rows],
         )
 
     def _image(self, index: int) -> np.ndarray:
@@ -247,6 +250,7 @@ class _LoadedShard:
         self.grids = _fixed_width(table["shape_grid"], (grid_size * grid_size + 7) // 8, path,
                                   f"shape_grid (grid_size {grid_size})")
         self.embeddings = _embeddings(table["clip_embedding"], path)
+        self.label_index = table["label_index"].to_numpy().astype(np.int64)
 
 
 def _fixed_width(column: pa.ChunkedArray, width: int, path: Path, what: str) -> np.ndarray:

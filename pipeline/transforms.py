@@ -37,6 +37,7 @@ class Sample:
     image: uint8 ``[H, W, 3]`` RGB. masks: bool ``[M, H, W]``. labels: int64 ``[M]``.
     orig_size: ``(H0, W0)`` of the image as indexed by its dataset (before any transform).
     shape_grids: bool ``[M, G, G]`` or None. embeddings: float32 ``[M, E]`` or None.
+    label_index: int64 ``[M]`` (the proposer's vocabulary index of each pseudo mask) or None.
     """
 
     image_id: int
@@ -46,6 +47,7 @@ class Sample:
     orig_size: tuple[int, int]
     shape_grids: np.ndarray | None = None
     embeddings: np.ndarray | None = None
+    label_index: np.ndarray | None = None
 
     def select(self, keep: np.ndarray) -> "Sample":
         """The sample with only the instances where ``keep`` (bool ``[M]`` or indices) holds."""
@@ -55,6 +57,7 @@ class Sample:
             labels=self.labels[keep],
             shape_grids=None if self.shape_grids is None else self.shape_grids[keep],
             embeddings=None if self.embeddings is None else self.embeddings[keep],
+            label_index=None if self.label_index is None else self.label_index[keep],
         )
 
 

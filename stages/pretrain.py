@@ -16,6 +16,7 @@ from rich.console import Console
 from pipeline.errors import InputError
 from pipeline.run_record import now_iso, write_run_record
 from pipeline.shard_dataset import MaskFilter, pretrain_loader, proposal_weights
+from pipeline.text_embeddings import check_shard_labels, read_text_embeddings
 from stages.config import StageConfig
 from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
 from stages.training_setup import DataSection, ModelSection, build_stage_model
@@ -39,6 +40,7 @@ class PromptSection(BaseModel):
     use_position: bool = True
     use_shape: bool = True
     use_embedding: bool = True
+    pool: Literal["box", "mask"] = "box"  # pooled part: inside each pseudo mask's box or mask
 
 
 class LossSection(BaseModel):
@@ -48,6 +50,8 @@ class LossSection(BaseModel):
     bce: float = 1.0
     dice: float = 4.0
     embedding: float = 1.0
+    text: float = 0.0  # CLIP text loss (needs shards of --proposer clip); 0 = off
+    text_temperature: float = 0.07
     identity_warmup_steps: int | None = None  # None: a third of max_steps
     num_points: int | None = 12544  # point-sampled mask losses; None: full masks
 
@@ -100,20 +104,35 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         use_pooled=p.use_pooled, use_position=p.use_position, use_shape=p.use_shape,
         use_embedding=p.use_embedding and embedding_dim is not None,
     )
-    prompted = PromptedModel(
-        model, encoder, strategy=p.strategy, prompts_per_image=p.prompts_per_image,
-        dropout=p.dropout, inject_prompts=p.inject,
-    ).to(device)
+    text = None
+    if cfg.loss.text > 0:  # the vocabulary's text embeddings, as the propose stage cached them
+        text = read_text_embeddings(cfg.shards)
+        check_shard_labels(text, cfg.shards)
     warmup = cfg.loss.identity_warmup_steps or max(1, cfg.train.max_steps // 3)
     criterion = PretrainCriterion(
         focal_weight=cfg.loss.focal, bce_weight=cfg.loss.bce, dice_weight=cfg.loss.dice,
         embedding_weight=cfg.loss.embedding, identity_warmup_steps=warmup,
-        num_points=cfg.loss.num_points,
+        num_points=cfg.loss.num_points, text_weight=cfg.loss.text,
+        kernel_dim=model_cfg.hidden_dim if text is not None else None,
+        text_dim=text.embeddings.shape[1] if text is not None else None,
+        text_temperature=cfg.loss.text_temperature,
     ).to(device)
+    # the text projection lives in the trained module: optimised, DDP-synced, checkpointed
+    prompted = PromptedModel(
+        model, encoder, strategy=p.strategy, prompts_per_image=p.prompts_per_image,
+        dropout=p.dropout, inject_prompts=p.inject, text_projection=criterion.text_projection,
+    ).to(device)
+    text_embeddings = text.embeddings.to(device) if text is not None else None
 
     def loss_fn(module, batch, step):
-        outputs = module(batch["images"], batch["prompts"])
+        prompts = batch["prompts"]
+        if p.pool == "mask":  # prompt m is pooled inside pseudo mask m (same order)
+            prompts = [{**pr, "masks": t["masks"]} for pr, t in zip(prompts, batch["targets"])]
+        outputs = module(batch["images"], prompts)
         targets = pretraining_targets(outputs, [t["masks"] for t in batch["targets"]])
+        if text_embeddings is not None:
+            for target, source in zip(targets, batch["targets"]):
+                target.update(label_index=source["label_index"], text_embeddings=text_embeddings)
         return criterion(outputs, targets, kernel_to_prompt=outputs["kernel_to_prompt"],
                          step=step)
 
@@ -128,6 +147,9 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         f"({_format_counts(counts)}), model {cfg.model.preset}/{cfg.model.decoder}, "
         f"prompts {p.strategy}{'' if p.inject else ' (not injected)'}, device {device}"
     )
+    if text is not None:
+        console.print(f"text loss: weight {cfg.loss.text}, {len(text.names)} names "
+                      f"({text.model_key})")
     train_cfg = cfg.train.model_copy(update={"progress": cfg.train.progress and progress})
     try:
         result = train(

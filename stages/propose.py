@@ -19,6 +19,7 @@ from pipeline.errors import InputError
 from pipeline.executor import ExecutorConfig, run_shards
 from pipeline.manifest import load_manifest
 from pipeline.run_record import now_iso, write_run_record
+from pipeline.text_embeddings import TEXT_EMBEDDINGS_FILE
 from pipeline.shards import (
     array_task_shards,
     parse_shard_list,
@@ -34,7 +35,7 @@ from stages.training_setup import resolve_device
 console = Console(stderr=True)
 
 EXIT_SHARDS_FAILED = 1
-TEXT_CACHE_FILE = "text_embeddings.pt"
+TEXT_CACHE_FILE = TEXT_EMBEDDINGS_FILE  # the text loss of `pretrain` reads it (docs/shards.md)
 
 
 class ProposeConfig(StageConfig):

@@ -29,6 +29,10 @@ class PromptedModel(nn.Module):
     normalised xyxy, ``shape_grids`` [P, G, G], ``embeddings`` [P, E], optional ``masks``).
     With ``inject_prompts=False`` the prompts are encoded (for the embedding loss) but not added
     to the kernels: the "pseudo masks without prompt injection" ablation.
+
+    ``text_projection`` (optional): the criterion's ``PretrainCriterion.text_projection``, held
+    here so that the trainer optimises, synchronises (DDP) and checkpoints it with the model;
+    ``forward`` does not use it (the text loss does).
     """
 
     def __init__(
@@ -40,6 +44,7 @@ class PromptedModel(nn.Module):
         prompts_per_image: int = 20,
         dropout: float = 0.1,
         inject_prompts: bool = True,
+        text_projection: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
@@ -50,6 +55,7 @@ class PromptedModel(nn.Module):
         self.prompts_per_image = prompts_per_image
         self.dropout = dropout
         self.inject_prompts = inject_prompts
+        self.text_projection = text_projection
 
     def forward(
         self, images: Tensor, prompts: list[dict], generator: torch.Generator | None = None
