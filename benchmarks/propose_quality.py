@@ -24,6 +24,7 @@ pixels of the ground-truth ``area``), unscaled, so on ~128 px images "large" is 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from collections.abc import Sequence
@@ -54,7 +55,9 @@ class MatchTable:
 
     pred_image int64 [P], pred_score float32 [P], pred_area int64 [P] (pixels),
     pred_mask_index int32 [P]: the shard columns of each pseudo mask;
-    pred_matched bool [P]: IoU >= the threshold with some ground-truth instance of its image.
+    pred_matched bool [P]: IoU >= the threshold with some ground-truth instance of its image;
+    pred_label str [P]: the shard's ``label``; pred_gt_category int64 [P]: the COCO category
+    of the instance the mask overlaps most among those it matches (-1 when unmatched).
     gt_category int64 [G] (COCO category id), gt_area float64 [G] (the annotation's ``area``);
     gt_matches: per instance, int64 row numbers (into the pred arrays) of the pseudo masks
     with IoU >= the threshold.
@@ -66,6 +69,8 @@ class MatchTable:
     pred_area: np.ndarray
     pred_mask_index: np.ndarray
     pred_matched: np.ndarray
+    pred_label: np.ndarray
+    pred_gt_category: np.ndarray
     gt_category: np.ndarray
     gt_area: np.ndarray
     gt_matches: list[np.ndarray]
@@ -84,6 +89,7 @@ def match_masks(
     """
     masks = masks.sort_values(["image_id", "mask_index"], kind="stable").reset_index(drop=True)
     pred_matched = np.zeros(len(masks), dtype=bool)
+    pred_gt_category = np.full(len(masks), -1, dtype=np.int64)
     gt_category: list[int] = []
     gt_area: list[float] = []
     gt_matches: list[np.ndarray] = []
@@ -109,6 +115,10 @@ def match_masks(
             iou = np.zeros((len(preds), len(instances)))
         hits = iou >= iou_threshold  # [p, g]
         pred_matched[rows] = hits.any(axis=1)
+        if instances and len(rows):
+            best = iou.argmax(axis=1)
+            categories = np.asarray([c for c, _, _ in instances], dtype=np.int64)
+            pred_gt_category[rows] = np.where(hits.any(axis=1), categories[best], -1)
         for g, (category_id, area, _) in enumerate(instances):
             gt_category.append(category_id)
             gt_area.append(area)
@@ -120,6 +130,8 @@ def match_masks(
         pred_area=masks["area"].to_numpy(np.int64),
         pred_mask_index=masks["mask_index"].to_numpy(np.int32),
         pred_matched=pred_matched,
+        pred_label=masks["label"].to_numpy(dtype=object),
+        pred_gt_category=pred_gt_category,
         gt_category=np.asarray(gt_category, dtype=np.int64),
         gt_area=np.asarray(gt_area, dtype=np.float64),
         gt_matches=gt_matches,
@@ -150,6 +162,16 @@ def precision(table: MatchTable, keep: np.ndarray) -> float:
     return float(table.pred_matched[keep].mean()) if keep.any() else float("nan")
 
 
+def label_accuracy(table: MatchTable, keep: np.ndarray, names: dict[int, str]) -> float:
+    """Share of kept matched pseudo masks whose ``label`` is the category name (``names``: COCO
+    id -> name) of the instance they overlap most; NaN when none is kept and matched."""
+    matched = keep & table.pred_matched
+    if not matched.any():
+        return float("nan")
+    truth = np.asarray([names[int(c)] for c in table.pred_gt_category[matched]], dtype=object)
+    return float((table.pred_label[matched] == truth).mean())
+
+
 def masks_per_image(table: MatchTable, keep: np.ndarray) -> float:
     return float(keep.sum()) / table.num_images if table.num_images else float("nan")
 
@@ -172,13 +194,24 @@ def _pct(x: float) -> str:
     return "-" if np.isnan(x) else f"{100 * x:.1f}"
 
 
-def propose_split(manifest: Path, out_dir: Path) -> tuple[pd.DataFrame, dict, float]:
-    """Run the classical proposer through the stage on ``manifest``; returns the masks table,
-    the COCO dict and the stage's seconds."""
+@dataclass(frozen=True)
+class ProposerRun:
+    """One proposer set-up: ``name`` (the report's row) and the ``ProposeConfig`` fields
+    beyond images/out (``proposer``, ``clip_model``, ``clip_checkpoint``, ``vocabulary``,
+    ``options``)."""
+
+    name: str
+    fields: dict
+
+
+def propose_split(manifest: Path, out_dir: Path, run: ProposerRun
+                  ) -> tuple[pd.DataFrame, dict, float]:
+    """Run the proposer through the stage on ``manifest``; returns the masks table, the COCO
+    dict and the stage's seconds."""
     start = time.perf_counter()
     code = run_propose(
-        ProposeConfig(images=manifest, out=out_dir, proposer="classical", num_workers=0,
-                      overwrite=True),
+        ProposeConfig(images=manifest, out=out_dir, num_workers=0, overwrite=True, device="cpu",
+                      **run.fields),
         progress=False,
     )
     seconds = time.perf_counter() - start
@@ -192,10 +225,31 @@ def propose_split(manifest: Path, out_dir: Path) -> tuple[pd.DataFrame, dict, fl
     return pd.read_parquet(out_dir / "masks"), dataset.coco, seconds
 
 
-def evaluate_split(manifest: Path, out_dir: Path, iou: float) -> tuple[MatchTable, dict, float]:
-    masks, coco, seconds = propose_split(manifest, out_dir)
+def evaluate_split(manifest: Path, out_dir: Path, iou: float,
+                   run: ProposerRun = ProposerRun("classical", {"proposer": "classical"}),
+                   ) -> tuple[MatchTable, dict, float]:
+    masks, coco, seconds = propose_split(manifest, out_dir, run)
     sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
     return match_masks(masks, ground_truth_rles(coco), sizes, iou), coco, seconds
+
+
+def labelled_recall(table: MatchTable, keep: np.ndarray, names: dict[int, str]) -> float:
+    """Share of ground-truth instances matched by a kept pseudo mask that carries their
+    category name as its label."""
+    if not len(table.gt_matches):
+        return float("nan")
+    found = [any(keep[r] and table.pred_label[r] == names[int(c)] for r in rows)
+             for rows, c in zip(table.gt_matches, table.gt_category)]
+    return float(np.mean(found))
+
+
+def tuning_objective(table: MatchTable, names: dict[int, str]) -> float:
+    """F1 of the filtered masks' precision and labelled recall (0 when either is NaN/0)."""
+    keep = filter_keep(table, MaskFilter())
+    p, r = precision(table, keep), labelled_recall(table, keep, names)
+    if np.isnan(p) or np.isnan(r) or p + r == 0:
+        return 0.0
+    return 2 * p * r / (p + r)
 
 
 def print_report(results: dict[str, MatchTable], categories: list[dict], iou: float) -> None:
@@ -203,15 +257,19 @@ def print_report(results: dict[str, MatchTable], categories: list[dict], iou: fl
              for s, t in results.items()}
     print(f"\nOverall (match: mask IoU >= {iou}; all = every mask in the shards, filtered = "
           "pre-training MaskFilter: score >= 0.5, area >= 32, best 20)")
+    names = {int(c["id"]): c["name"] for c in categories}
+    print("label acc = share of matched masks whose label is the category of the instance they "
+          "overlap most (a weight-free proposer has no category names: 0)")
     rows = []
     for split, table in results.items():
         row = [split, str(table.num_images), str(len(table.gt_matches))]
         for keep in keeps[split]:
             row += [f"{masks_per_image(table, keep):.2f}", _pct(recall(table, keep)),
-                    _pct(precision(table, keep))]
+                    _pct(precision(table, keep)), _pct(label_accuracy(table, keep, names))]
         rows.append(row)
-    print(format_table(["split", "images", "GT", "masks/img", "recall %", "prec %",
-                        "filt masks/img", "filt recall %", "filt prec %"], rows))
+    print(format_table(["proposer split", "images", "GT", "masks/img", "recall %", "prec %",
+                        "label acc %", "filt masks/img", "filt recall %", "filt prec %",
+                        "filt label acc %"], rows))
 
     split_headers = [f"{s} {h}" for s in results for h in ("GT", "recall %", "filt recall %")]
 
@@ -251,6 +309,66 @@ def print_report(results: dict[str, MatchTable], categories: list[dict], iou: fl
     ))
 
 
+CLIP_GRID: dict[str, tuple] = {
+    "temperature": (25.0, 50.0, 100.0),
+    "threshold": (0.3, 0.5),
+    "min_peak": (0.5, 0.8),
+    "background_words": ("default", "none"),
+    "dense_recipe": ("value", "tokens"),
+}
+"""``--tune``: every combination is run on the tuning split; "default" keeps the proposer's
+background words, "none" drops them."""
+
+
+def grid_options(base: dict) -> list[dict]:
+    import itertools
+
+    combos = []
+    for values in itertools.product(*CLIP_GRID.values()):
+        options = dict(base)
+        for key, value in zip(CLIP_GRID, values):
+            if key == "background_words":
+                if value == "none":
+                    options["background_words"] = []
+            else:
+                options[key] = value
+        combos.append(options)
+    return combos
+
+
+def clip_fields(args, options: dict) -> dict:
+    fields = {"proposer": "clip", "clip_model": args.clip_model,
+              "clip_checkpoint": args.clip_checkpoint, "options": options}
+    if args.vocabulary is not None:
+        fields["vocabulary"] = args.vocabulary
+    return fields
+
+
+def tune_clip(args, data: Path, tmp: Path, names: dict[int, str]) -> dict:
+    """The clip options of the grid with the best :func:`tuning_objective` on
+    ``args.tune_split`` (printed as a table)."""
+    base = json.loads(args.clip_options)
+    manifest = data / f"{args.tune_split}.yaml"
+    rows, best = [], (-1.0, base)
+    for options in grid_options(base):
+        run = ProposerRun("clip", clip_fields(args, options))
+        table, _, seconds = evaluate_split(manifest, tmp / "tune", args.iou, run)
+        keep = filter_keep(table, MaskFilter())
+        score = tuning_objective(table, names)
+        rows.append([json.dumps({k: options.get(k, "default") for k in CLIP_GRID}),
+                     f"{masks_per_image(table, keep):.2f}", _pct(recall(table, keep)),
+                     _pct(precision(table, keep)), _pct(label_accuracy(table, keep, names)),
+                     f"{score:.3f}", f"{seconds:.1f}"])
+        if score > best[0]:
+            best = (score, options)
+    print(f"\nTuning the clip proposer on {args.tune_split} (filtered masks; objective: F1 of "
+          "precision and labelled recall)")
+    print(format_table(["options", "masks/img", "recall %", "prec %", "label acc %",
+                        "objective", "s"], rows))
+    print(f"best on {args.tune_split}: {json.dumps(best[1])} (objective {best[0]:.3f})")
+    return best[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None,
@@ -261,7 +379,21 @@ def main() -> None:
                         help="images per labeled split when generating (no --data)")
     parser.add_argument("--image-size", type=int, default=128, help="synthetic base size")
     parser.add_argument("--iou", type=float, default=0.5, help="mask IoU of a match")
+    parser.add_argument("--proposers", nargs="+", default=["classical"],
+                        choices=["classical", "clip"], help="side by side on the same images")
+    parser.add_argument("--clip-model", default="ViT-B-16",
+                        help="open_clip name or config JSON (e.g. benchmarks/clip/*.json)")
+    parser.add_argument("--clip-checkpoint", default=None, help="CLIP weights file (required)")
+    parser.add_argument("--vocabulary", type=Path, default=None,
+                        help="names file (default: the synthetic categories when generating)")
+    parser.add_argument("--clip-options", default="{}",
+                        help="JSON proposer options, e.g. '{\"input_size\": 128}'")
+    parser.add_argument("--tune", action="store_true",
+                        help="grid-search the clip options on --tune-split first (CLIP_GRID)")
+    parser.add_argument("--tune-split", default="train")
     args = parser.parse_args()
+    if "clip" in args.proposers and args.clip_checkpoint is None:
+        parser.error("--proposers clip needs --clip-checkpoint (random weights mean nothing)")
 
     with tempfile.TemporaryDirectory(prefix="uplvp-propose-quality-") as tmp:
         data = args.data
@@ -274,16 +406,29 @@ def main() -> None:
             print(f"synthetic data: seed {args.seed}, {args.num_images} train + "
                   f"{args.num_images} val images at base size {args.image_size} "
                   f"({time.perf_counter() - start:.1f} s)")
+        categories = load_manifest(data / f"{args.splits[0]}.yaml").coco["categories"]
+        names = {int(c["id"]): c["name"] for c in categories}
+        if "clip" in args.proposers and args.vocabulary is None:
+            args.vocabulary = Path(tmp) / "vocabulary.txt"
+            args.vocabulary.write_text("".join(f"{c['name']}\n" for c in categories))
+        clip_options = json.loads(args.clip_options)
+        if "clip" in args.proposers and args.tune:
+            clip_options = tune_clip(args, data, Path(tmp), names)
+        runs = [ProposerRun("classical", {"proposer": "classical"}) if name == "classical"
+                else ProposerRun("clip", clip_fields(args, clip_options))
+                for name in args.proposers]
         results: dict[str, MatchTable] = {}
-        categories: list[dict] = []
-        for split in args.splits:
-            manifest = data / f"{split}.yaml"
-            table, coco, seconds = evaluate_split(manifest, Path(tmp) / f"propose-{split}",
-                                                  args.iou)
-            results[split] = table
-            categories = categories or coco["categories"]
-            print(f"propose (classical, stage, 1 process) on {split}: {table.num_images} images "
-                  f"in {seconds:.1f} s ({table.num_images / seconds:.1f} images/s)")
+        for run in runs:
+            for split in args.splits:
+                manifest = data / f"{split}.yaml"
+                table, coco, seconds = evaluate_split(
+                    manifest, Path(tmp) / f"propose-{run.name}-{split}", args.iou, run)
+                results[f"{run.name} {split}"] = table
+                print(f"propose ({run.name}, stage, 1 process) on {split}: {table.num_images} "
+                      f"images in {seconds:.1f} s ({table.num_images / seconds:.1f} images/s)")
+        if "clip" in args.proposers:
+            print(f"clip: {args.clip_model} + {args.clip_checkpoint}, options "
+                  f"{json.dumps(clip_options)}")
         print_report(results, categories, args.iou)
 
 

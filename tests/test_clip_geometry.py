@@ -46,7 +46,7 @@ def _one_hot_texts(self, model, tokenizer, model_key, names, templates, cache_fi
     return torch.eye(len(names), 32)  # tiny-clip-vit embeds in 32 dimensions
 
 
-def _planted_features(model, images: torch.Tensor) -> torch.Tensor:
+def _planted_features(model, images: torch.Tensor, recipe: str = "value") -> torch.Tensor:
     """[B, 32, g, g]: per canvas patch the one-hot of star (red), disk (green) or background."""
     mean = torch.tensor(clip_dense.open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(clip_dense.open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)

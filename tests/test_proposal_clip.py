@@ -194,3 +194,22 @@ def test_vocabulary_defaults_and_checks():
         check_vocabulary(["cat", " "])
     with pytest.raises(ValueError, match="exactly one"):
         check_templates(["a photo"])
+
+
+def test_tokens_recipe_is_the_trained_forward_of_every_block(tiny):
+    """recipe "tokens" = open_clip's own embedding and all blocks as trained, then ln_post and
+    proj per patch; it differs from the value path."""
+    visual = tiny.model.visual
+    images = _images(4, 2, 32, 32)
+    with torch.no_grad():
+        x = visual._embeds(images)
+        for block in visual.transformer.resblocks:
+            x = block(x)
+        expected = F.normalize(visual.ln_post(x[:, 1:]) @ visual.proj, dim=-1)
+        expected = expected.transpose(1, 2).reshape(2, -1, 2, 2)
+        actual = dense_clip_features(tiny.model, images, recipe="tokens")
+        value = dense_clip_features(tiny.model, images)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(actual, value, atol=1e-3)
+    with pytest.raises(ValueError, match="dense recipe must be one of"):
+        dense_clip_features(tiny.model, images, recipe="window")

@@ -228,8 +228,15 @@ def value_path(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
     return block.ls_1(attn.out_proj(values))
 
 
-def dense_clip_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+DENSE_RECIPES = ("value", "tokens")
+
+
+def dense_clip_features(model: torch.nn.Module, images: torch.Tensor,
+                        recipe: str = "value") -> torch.Tensor:
     """Per-patch CLIP joint-space features (MaskCLIP recipe, see module docstring).
+
+    ``recipe``: "value" (MaskCLIP: the last block's value path only) or "tokens" (the last
+    block run as trained, attention, residual and MLP: the patch tokens as the model made them).
 
     model: an open_clip CLIP model (or its ``visual`` tower); images: float ``[B, 3, H, W]``
     normalised with the model's mean/std, H and W multiples of the patch size (any size: the
@@ -252,9 +259,12 @@ def dense_clip_features(model: torch.nn.Module, images: torch.Tensor) -> torch.T
     transformer = visual.transformer
     if not transformer.batch_first:
         x = x.transpose(0, 1)
+    if recipe not in DENSE_RECIPES:
+        raise ValueError(f"dense recipe must be one of {DENSE_RECIPES}, got {recipe!r}")
     for block in transformer.resblocks[:-1]:
         x = block(x)
-    x = value_path(transformer.resblocks[-1], x)
+    last = transformer.resblocks[-1]
+    x = value_path(last, x) if recipe == "value" else last(x)
     if not transformer.batch_first:
         x = x.transpose(0, 1)
     tokens = visual.ln_post(x[:, 1:]) @ visual.proj  # [B, g_h * g_w, E]
@@ -293,6 +303,7 @@ class ClipProposer:
         top_k: int = 20,
         text_cache: TextEmbeddingCache = TEXT_EMBEDDING_CACHE,
         random_weights: bool = False,
+        dense_recipe: str = "value",
     ) -> None:
         for name, value in (("threshold", threshold), ("min_peak", min_peak),
                             ("max_area_fraction", max_area_fraction)):
@@ -300,6 +311,9 @@ class ClipProposer:
                 raise ValueError(f"clip proposer option {name} must be in (0, 1], got {value}")
         if temperature <= 0:
             raise ValueError(f"clip proposer option temperature must be > 0, got {temperature}")
+        if dense_recipe not in DENSE_RECIPES:
+            raise ValueError(f"clip proposer option dense_recipe must be one of {DENSE_RECIPES}, "
+                             f"got {dense_recipe!r}")
         if checkpoint is None and not random_weights:
             raise ValueError(
                 "no CLIP checkpoint given: random weights give meaningless masks; pass a "
@@ -328,6 +342,7 @@ class ClipProposer:
             "max_area_fraction": max_area_fraction,
             "nms_iou": nms_iou,
             "top_k": top_k,
+            "dense_recipe": dense_recipe,
         }
         self.device = torch.device(device)
         text = text_cache.get(
@@ -358,7 +373,8 @@ class ClipProposer:
             return []
         size = self._settings["input_size"]
         canvas, boxes = letterbox_batch(images, size, self.clip.mean, self.clip.std)
-        features = dense_clip_features(self.clip.model, torch.from_numpy(canvas).to(self.device))
+        features = dense_clip_features(self.clip.model, torch.from_numpy(canvas).to(self.device),
+                                       self._settings["dense_recipe"])
         logits = self._settings["temperature"] * torch.einsum("ke,behw->bkhw", self._text, features)
         probabilities = logits.softmax(dim=1)[:, : len(self.vocabulary)]  # [B, K, g, g]
         return [
