@@ -14,7 +14,10 @@ the runs' ``metrics.jsonl`` without training.
 
 Arms: ``scratch``; ``no_inject`` (pre-trained on pseudo masks without prompt injection);
 ``full`` (UPLVP: all prompt ingredients, spread matching); ``no_position`` / ``no_shape`` /
-``no_embedding`` (one ingredient removed); ``cosine`` / ``hungarian`` (other matching).
+``no_embedding`` (one ingredient removed); ``cosine`` / ``hungarian`` (other matching);
+``clip`` (as ``full``, but pseudo masks, labels and embeddings from the ``clip`` proposer on the
+CLIP trained by ``benchmarks/train_clip.py``: ``clip_checkpoint``) and ``clip_text`` (``clip``
+plus the CLIP text loss, weight ``text_weight``).
 """
 from __future__ import annotations
 
@@ -59,7 +62,12 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "no_embedding": {"use_embedding": False},
     "cosine": {"strategy": "cosine"},
     "hungarian": {"strategy": "hungarian"},
+    "clip": {},
+    "clip_text": {},
 }
+# arms pre-trained on the pseudo masks and embeddings of the trained CLIP (`propose_clip/`,
+# StudyConfig.clip_*) instead of the classical proposer's, with these loss-section changes
+CLIP_ARMS: dict[str, dict[str, Any]] = {"clip": {}, "clip_text": {"text": "text_weight"}}
 
 
 class StudyConfig(BaseModel):
@@ -89,6 +97,12 @@ class StudyConfig(BaseModel):
     finetune_steps: int = 1000
     finetune_lr: float = 5e-4
     eval_every: int = 100
+    # the clip arms' proposer (fields added after the first cells ran; folders recorded without
+    # them still resume, record_config compares only recorded keys)
+    clip_model: str = "benchmarks/clip/uplvp-synth-vit.json"
+    clip_checkpoint: str | None = None
+    clip_options: dict[str, Any] = {}
+    text_weight: float = 1.0
 
 
 # fields that choose which cells run; every other field defines the benchmark itself
@@ -206,6 +220,25 @@ def prepare_data(cfg: StudyConfig, out: Path) -> dict[str, Path]:
     return {"data": data_dir, "shards": out / "propose"}
 
 
+def clip_shards(cfg: StudyConfig, out: Path, data_dir: Path) -> Path:
+    """The clip proposer's shards of the unlabeled pool (vocabulary: the benchmark's category
+    names), made once under a lock; every rerun skips the complete shards."""
+    if cfg.clip_checkpoint is None:
+        raise InputError("the clip arms need clip_checkpoint (benchmarks/train_clip.py)")
+    vocabulary = out / "propose_clip_vocabulary.txt"
+    categories = load_coco(data_dir / "val" / "annotations.json")["categories"]
+    with file_lock(out / "locks" / "propose_clip.lock"):
+        write_text_atomic(vocabulary, "".join(f"{c['name']}\n" for c in categories))
+        code = run_propose(ProposeConfig(
+            images=data_dir / "unlabeled.yaml", out=out / "propose_clip", proposer="clip",
+            clip_model=cfg.clip_model, clip_checkpoint=cfg.clip_checkpoint,
+            vocabulary=vocabulary, options=cfg.clip_options, shard_size=50,
+            num_workers=cfg.propose_workers, device="cpu"), progress=False)
+    if code:
+        raise SystemExit(f"clip propose failed (exit {code})")
+    return out / "propose_clip"
+
+
 def subset_manifest(cfg: StudyConfig, data_dir: Path, regime: float, seed: int) -> Path:
     """The seed's ``regime``% image-level subset of the labeled pool, as a manifest."""
     stem = f"train.{seed}@{format_percent(regime)}"
@@ -242,10 +275,11 @@ def pretrained_run(cfg: StudyConfig, out: Path, shards: Path, decoder: str,
 
 def pretrain(cfg: StudyConfig, shards: Path, decoder: str, arm: str, run_dir: Path) -> None:
     prompt = PromptSection(**ARMS[arm])
+    loss = {key: getattr(cfg, field) for key, field in CLIP_ARMS.get(arm, {}).items()}
     run_pretrain(
         PretrainConfig(
             shards=shards, out=run_dir, model=ModelSection(**cfg.model, decoder=decoder),
-            prompt=prompt, loss=LossSection(num_points=None),
+            prompt=prompt, loss=LossSection(num_points=None, **loss),
             masks={"min_score": cfg.min_score}, data=data_section(cfg, 0),
             train=TrainConfig(max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                               warmup_steps=min(100, cfg.pretrain_steps // 10),
@@ -265,7 +299,8 @@ def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> 
     t0 = time.perf_counter()
     init = "none"
     if ARMS[arm] is not None:
-        pretrained = pretrained_run(cfg, out, data["shards"], decoder, arm)
+        shards = clip_shards(cfg, out, data["data"]) if arm in CLIP_ARMS else data["shards"]
+        pretrained = pretrained_run(cfg, out, shards, decoder, arm)
         if pretrained is None:
             return None
         init = str(pretrained)

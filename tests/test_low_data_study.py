@@ -155,3 +155,34 @@ def test_summary_ratio_paired_gain_and_steps_to_reach(study, tmp_path):
     assert (full["AP"], full["ratio"]) == ("4.0 ± 1.4", "2.67x")
     assert full["gain"] == "+2.5 ± 0.7 (2/2 seeds > 0)"  # per seed: +2.0 and +3.0 points
     assert full["reach"] == "50%, 100%"  # seed 1 reaches scratch's 2.0 only at step 100
+
+
+def test_clip_arms_pretrain_on_the_clip_proposers_shards_with_the_text_loss(study, tmp_path):
+    import open_clip
+    import torch
+
+    from pipeline.shards import read_metadata, shard_file
+
+    config = Path(__file__).parent / "assets" / "tiny-clip-vit.json"
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny-clip.pt"  # stands in for a trained CLIP: only the plumbing counts
+    torch.save(open_clip.create_model("tiny-clip-vit").state_dict(), weights)
+    cfg = toy_config(study, regimes=[100], arms=["clip_text"], clip_model=str(config),
+                     clip_checkpoint=str(weights),
+                     clip_options={"temperature": 0.001, "min_peak": 0.01, "threshold": 0.01,
+                                   "max_area_fraction": 1.0, "input_size": 64})
+    out = tmp_path / "study"
+    study.run_study(cfg, out)
+    (record,) = study.read_results(out)
+    assert record["arm"] == "clip_text" and 0 <= record["AP"] <= 1
+    meta = read_metadata(shard_file(out / "propose_clip", "masks", 0))
+    assert meta["weights"] == {"kind": "checkpoint", "source": f"clip {config}: {weights}"}
+    pretrain = json.loads((out / "pretrain" / "knet-clip_text" / "stage.json").read_text())
+    assert pretrain["config"]["shards"] == str(out / "propose_clip")
+    assert pretrain["config"]["loss"]["text"] == 1.0
+    vocabulary = (out / "propose_clip_vocabulary.txt").read_text().split()
+    assert vocabulary == ["disk", "rectangle", "triangle", "star", "cross", "crescent",
+                          "horseshoe", "hexagon"]
+    with pytest.raises(study.InputError, match="the clip arms need clip_checkpoint"):
+        study.clip_shards(toy_config(study), out, out / "data")
