@@ -109,8 +109,9 @@ def _run_on_ray_started(shard_indices, worker_cls, worker_kwargs, config: Execut
             yield {
                 "shard": index,
                 "status": "failed",
-                "error": f"not completed: the Ray execution stopped after a worker died "
-                f"{config.max_shard_retries + 1} times on one shard ({reason})",
+                "error": f"not completed: the Ray execution stopped when one shard failed all "
+                f"{config.max_shard_retries + 1} tries (its worker died or became unreachable: "
+                f"{reason}); rerun the same command to redo the unfinished shards",
                 "seconds": 0.0,
                 "worker_lost": True,  # it may still have written its files before the stop
             }

@@ -99,6 +99,11 @@ def test_text_embeddings_average_templates_and_are_cached(tiny, tmp_path, monkey
     assert second is first and (cache.hits, cache.misses) == (1, 1)
     torch.testing.assert_close(first, embeddings)
     assert cache_file.is_file()
+    # a second run's output folder gets its file although this process holds the entry
+    other_run = tmp_path / "other" / "text.pt"
+    third = cache.get(tiny.model, tiny.tokenizer, tiny.model_key, vocabulary, templates,
+                      cache_file=other_run)
+    assert third is first and cache.hits == 2 and other_run.is_file()
 
     def fail(*args, **kwargs):
         raise AssertionError("should have been read from the cache file")

@@ -348,8 +348,9 @@ def test_ray_actor_dying_every_time_exhausts_bounded_retries_and_is_reported(
     result = propose_on_ray(manifest, out, ray_fault_file,
                             "point=before-write,shard=1,action=exit")
     assert result.exit_code == 1, result.output
-    assert ("shard 1 failed: not completed: the Ray execution stopped after a worker died 3 "
-            "times on one shard") in flat(result.output)
+    assert ("shard 1 failed: not completed: the Ray execution stopped when one shard failed all "
+            "3 tries (its worker died or became unreachable: ") in flat(result.output)
+    assert "rerun the same command to redo the unfinished shards" in flat(result.output)
     assert "Traceback" not in result.output
     record = json.loads((out / "stage.json").read_text())
     assert 1 in record["counts"]["shards_failed"]

@@ -72,11 +72,16 @@ class TextEmbeddingCache:
         cache_file: str | Path | None = None,
     ) -> torch.Tensor:
         """Embeddings (float32 ``[K, E]``) from memory, else from ``cache_file`` when it holds
-        the same key, else computed with :func:`encode_vocabulary` (and written to
-        ``cache_file`` when given). The returned tensor is shared: do not modify it."""
+        the same key, else computed with :func:`encode_vocabulary`; ``cache_file`` (when
+        given) holds them afterwards in every case. The returned tensor is shared: do not
+        modify it."""
         key: CacheKey = (model_key, tuple(vocabulary), tuple(templates))
         if key in self._entries:
             self.hits += 1
+            # the file is part of a run's output (the text loss reads it): write it even when
+            # this process already holds the entry
+            if cache_file is not None and load_cache_file(cache_file, key) is None:
+                save_cache_file(cache_file, key, self._entries[key])
             return self._entries[key]
         self.misses += 1
         embeddings = load_cache_file(cache_file, key) if cache_file is not None else None
