@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,10 +283,10 @@ def _read_table(path: Path, columns: list[str]) -> pa.Table:
         raise InputError(f"cannot read shard data ({err})", path) from None
 
 
-def proposal_weights(shard_dir: str | Path) -> dict | None:
-    """The ``weights`` record (``kind`` none | checkpoint | random, ``source``) of the folder's
-    first shard, or None when its shards predate the record (docs/shards.md)."""
-    shards = find_shards(Path(shard_dir))
+def proposal_weights(shards: Sequence[_ShardFiles]) -> dict | None:
+    """The ``weights`` record (``kind`` none | checkpoint | random, ``source``) of the first of
+    ``shards`` (e.g. ``ShardDataset.shards``, already validated), or None when the shards
+    predate the record (docs/shards.md)."""
     weights = read_metadata(shards[0].images).get("weights")
     return weights if isinstance(weights, dict) else None
 

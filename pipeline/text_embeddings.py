@@ -15,6 +15,7 @@ negatives of the softmax.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,15 +68,15 @@ def read_text_embeddings(shard_dir: str | Path) -> TextVocabulary:
     return TextVocabulary(list(names), embeddings.float(), str(payload.get("model_key", "")))
 
 
-def check_shard_labels(vocabulary: TextVocabulary, shard_dir: str | Path) -> None:
-    """InputError unless the shards' ``label_index`` -> ``label`` pairs (of the first shard
-    with masks) are the file's names: the file must belong to these shards."""
+def check_shard_labels(vocabulary: TextVocabulary, shard_dir: str | Path,
+                       masks_files: Sequence[Path]) -> None:
+    """InputError unless the ``label_index`` -> ``label`` pairs of the first of ``masks_files``
+    (the folder's ``masks/`` shard files, validated by the reader) that has rows are the
+    file's names: the file must belong to these shards."""
     import pyarrow.parquet as pq
 
-    from pipeline.shard_dataset import find_shards
-
-    for shard in find_shards(Path(shard_dir)):
-        table = pq.read_table(shard.masks, columns=["label", "label_index"])
+    for path in masks_files:
+        table = pq.read_table(path, columns=["label", "label_index"])
         if table.num_rows == 0:
             continue
         pairs = set(zip(table["label_index"].to_pylist(), table["label"].to_pylist()))
@@ -84,6 +85,6 @@ def check_shard_labels(vocabulary: TextVocabulary, shard_dir: str | Path) -> Non
                 found = vocabulary.names[index] if 0 <= index < len(vocabulary.names) else None
                 raise InputError(
                     f"{TEXT_EMBEDDINGS_FILE} does not belong to these shards: label_index "
-                    f"{index} is {label!r} in {shard.masks.name} but {found!r} in the file",
+                    f"{index} is {label!r} in {path.name} but {found!r} in the file",
                     Path(shard_dir) / TEXT_EMBEDDINGS_FILE)
         return

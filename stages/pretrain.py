@@ -107,7 +107,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     text = None
     if cfg.loss.text > 0:  # the vocabulary's text embeddings, as the propose stage cached them
         text = read_text_embeddings(cfg.shards)
-        check_shard_labels(text, cfg.shards)
+        check_shard_labels(text, cfg.shards, [s.masks for s in loader.source.shards])
     warmup = cfg.loss.identity_warmup_steps or max(1, cfg.train.max_steps // 3)
     criterion = PretrainCriterion(
         focal_weight=cfg.loss.focal, bce_weight=cfg.loss.bce, dice_weight=cfg.loss.dice,
@@ -137,7 +137,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
                          step=step)
 
     counts = loader.source.counts
-    weights = proposal_weights(cfg.shards)
+    weights = proposal_weights(loader.source.shards)
     if weights is not None and weights.get("kind") == "random":
         console.print(f"[yellow]warning: these shards were made by RANDOM weights "
                       f"({weights.get('source')}): their pseudo masks are meaningless, so is "

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from pipeline.errors import InputError
+from pipeline.shard_dataset import find_shards
 from pipeline.synth import write_synth_dataset
 from pipeline.text_embeddings import check_shard_labels, read_text_embeddings
 from stages.cli import app
@@ -160,7 +161,8 @@ def _train_records(out: Path) -> list[dict]:
 def test_propose_pretrain_with_text_loss_finetune(world, tmp_path):
     read = read_text_embeddings(world / "propose")
     assert read.names[:2] == ["circle", "square"] and read.embeddings.shape[1] == 32
-    check_shard_labels(read, world / "propose")  # the file belongs to these shards
+    masks = [s.masks for s in find_shards(world / "propose")]
+    check_shard_labels(read, world / "propose", masks)  # the file belongs to these shards
     out = tmp_path / "pretrain"
     result = _pretrain(world, "text", out)
     assert result.exit_code == 0, result.output
