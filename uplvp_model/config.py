@@ -50,6 +50,14 @@ class ModelConfig:
     K-Net fields:
         knet_cls_fcs / knet_mask_fcs: Linear-LayerNorm-ReLU blocks before the class head and
             before the mask-kernel projection.
+        knet_hard_masks: group pixel features by the detached binary masks (probability > 0.5,
+            K-Net's ``hard_mask_thr``) instead of the soft sigmoid masks.
+        knet_init_std: std of the normal initial kernels (K-Net's reference: 1.0); None:
+            D^-0.5.
+        knet_gate_relu: ReLU on both normalised branches of the gated update (False: the
+            reference's ``activate_out=False``).
+        knet_feature_transform: a 1x1 convolution of the mask features per update stage
+            (K-Net's ``feat_transform``), used for grouping and for that stage's masks.
 
     Mask2Former fields:
         m2f_mask_mlp_layers: depth of the MLP mapping a query to its mask embedding.
@@ -75,6 +83,10 @@ class ModelConfig:
     num_feature_levels: int = 3
     knet_cls_fcs: int = 1
     knet_mask_fcs: int = 1
+    knet_hard_masks: bool = False
+    knet_init_std: float | None = None
+    knet_gate_relu: bool = True
+    knet_feature_transform: bool = False
     m2f_mask_mlp_layers: int = 3
     tiny_channels: tuple[int, int, int, int] = field(default=(16, 32, 64, 128))
 
@@ -104,6 +116,9 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.knet_init_std is not None and not self.knet_init_std > 0:
+            raise ValueError(f"ModelConfig.knet_init_std must be > 0 or None, got "
+                             f"{self.knet_init_std!r}")
         if self.hidden_dim % self.num_heads != 0:
             raise ValueError(
                 f"ModelConfig.hidden_dim ({self.hidden_dim}) must be divisible by "

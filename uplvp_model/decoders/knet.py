@@ -4,7 +4,11 @@ N kernels [B, N, D] each predict a mask as the dot product of the kernel with ev
 ``mask_features`` [B, D, h, w]. Stage 0 uses the initial kernels directly; each of the S update
 stages then
 
-1. groups pixel features by the current masks: ``sum_hw sigmoid(mask) * feature`` -> [B, N, D],
+1. groups pixel features by the current masks: ``sum_hw w(mask) * feature`` -> [B, N, D], with
+   ``w = sigmoid(mask)`` or, with ``knet_hard_masks`` (K-Net's ``hard_mask_thr=0.5``), the
+   detached binary mask ``sigmoid(mask) > 0.5``; with ``knet_feature_transform`` each stage
+   first maps the mask features through its own 1x1 convolution (K-Net's ``feat_transform``),
+   used for grouping and for the stage's new masks,
 2. fuses them into the kernels with a gated update (K-Net's KernelUpdator: input and update
    gates computed from the product of both projections),
 3. lets the kernels attend to each other (multi-head self-attention) and applies an FFN,
@@ -31,13 +35,15 @@ class KernelUpdator(nn.Module):
 
     ``forward(pooled [B, N, D], kernels [B, N, D]) -> [B, N, D]``:
     ``gate = (W_u pooled)_in * (W_k kernels)_in``;
-    ``out = sigmoid(LN(G_u gate)) * LN(pooled_out) + sigmoid(LN(G_k gate)) * LN(kernels_out)``
-    followed by Linear-LayerNorm-ReLU.
+    ``out = sigmoid(LN(G_u gate)) * act(LN(pooled_out)) + sigmoid(LN(G_k gate)) * act(LN(kernels_out))``
+    followed by Linear-LayerNorm-ReLU; ``act`` is ReLU when ``gate_relu`` else the identity
+    (the reference's ``activate_out=False``).
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, gate_relu: bool = True) -> None:
         super().__init__()
         self.dim = dim
+        self.gate_relu = gate_relu
         self.update_proj = nn.Linear(dim, 2 * dim)
         self.kernel_proj = nn.Linear(dim, 2 * dim)
         self.update_gate = nn.Linear(dim, dim)
@@ -54,9 +60,10 @@ class KernelUpdator(nn.Module):
         gate = update_in * kernel_in
         update_gate = self.update_gate_norm(self.update_gate(gate)).sigmoid()
         kernel_gate = self.kernel_gate_norm(self.kernel_gate(gate)).sigmoid()
-        fused = (update_gate * self.update_norm(update_out).relu()
-                 + kernel_gate * self.kernel_norm(kernel_out).relu())
-        return self.out(fused)
+        update_out, kernel_out = self.update_norm(update_out), self.kernel_norm(kernel_out)
+        if self.gate_relu:
+            update_out, kernel_out = update_out.relu(), kernel_out.relu()
+        return self.out(update_gate * update_out + kernel_gate * kernel_out)
 
 
 class KernelUpdateStage(nn.Module):
@@ -65,7 +72,9 @@ class KernelUpdateStage(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d = cfg.hidden_dim
-        self.updator = KernelUpdator(d)
+        self.hard_masks = cfg.knet_hard_masks
+        self.feature_transform = nn.Conv2d(d, d, 1) if cfg.knet_feature_transform else None
+        self.updator = KernelUpdator(d, gate_relu=cfg.knet_gate_relu)
         self.attention = nn.MultiheadAttention(d, cfg.num_heads, dropout=cfg.dropout,
                                                batch_first=True)
         self.attention_norm = nn.LayerNorm(d)
@@ -83,11 +92,13 @@ class KernelUpdateStage(nn.Module):
                 ) -> tuple[Tensor, Tensor, Tensor]:
         """``kernels`` [B, N, D], previous ``masks`` [B, N, h, w] logits, ``mask_features``
         [B, D, h, w] -> (new kernels [B, N, D], logits [B, N, C+1], mask logits [B, N, h, w])."""
+        if self.feature_transform is not None:
+            mask_features = self.feature_transform(mask_features)
         # Grouping sums over every pixel (~67k at 800 px, stride 4), which overflows float16
         # (max 65504): under autocast it and the gated update run in float32.
         with torch.autocast(device_type=masks.device.type, enabled=False):
-            pooled = (masks.float().sigmoid().flatten(2)
-                      @ mask_features.float().flatten(2).transpose(1, 2))
+            weights = (masks.detach() > 0).float() if self.hard_masks else masks.float().sigmoid()
+            pooled = weights.flatten(2) @ mask_features.float().flatten(2).transpose(1, 2)
             kernels = self.updator(pooled, kernels.float())
         kernels = self.attention_norm(kernels + self.attention(kernels, kernels, kernels,
                                                                need_weights=False)[0])
@@ -104,7 +115,8 @@ def kernel_masks(kernels: Tensor, mask_features: Tensor) -> Tensor:
 
 
 class KNetDecoder(nn.Module):
-    """Initial kernels plus ``num_stages`` :class:`KernelUpdateStage` s (see module docstring).
+    """Initial kernels (normal, std ``knet_init_std``, None: D^-0.5) plus ``num_stages``
+    :class:`KernelUpdateStage` s (see module docstring).
 
     ``forward(features, kernels)`` returns the final stage's predictions and, in
     ``aux_outputs``, stage 0 (initial kernels, masks = kernels . features, logits from
@@ -114,7 +126,8 @@ class KNetDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.init_kernels = nn.Embedding(cfg.num_kernels, cfg.hidden_dim)
-        nn.init.normal_(self.init_kernels.weight, std=cfg.hidden_dim ** -0.5)
+        std = cfg.knet_init_std if cfg.knet_init_std is not None else cfg.hidden_dim ** -0.5
+        nn.init.normal_(self.init_kernels.weight, std=std)
         self.init_class_head = nn.Linear(cfg.hidden_dim, cfg.num_classes + 1)
         self.stages = nn.ModuleList(KernelUpdateStage(cfg) for _ in range(cfg.num_stages))
 

@@ -1,0 +1,412 @@
+"""Our decoders against what a user would pick instead, at one training budget.
+
+    .venv/bin/pip install -e '.[bench]'                        # transformers (the peer)
+    .venv/bin/python benchmarks/peers.py --out runs/peers --sizes 128 256 --steps 250 500
+    .venv/bin/python benchmarks/peers.py --out runs/peers_own --train T.yaml --val V.yaml \
+        --sizes 256 --steps 500                                  # your own COCO manifests
+
+Models (``--models``), all from random initialisation (or ``--backbone-checkpoint``, the same
+local torchvision ResNet weights for every model that can take them):
+
+- ``knet`` / ``mask2former``: ours, trained by ``uplvp stage finetune`` (``run_finetune``) and
+  scored by ``uplvp stage evaluate``'s code, ``--preset`` with ``--overrides``;
+- ``hf_mask2former``: transformers' ``Mask2FormerForUniversalSegmentation`` built from its
+  default ``Mask2FormerConfig`` (6 deformable encoder layers, 10 decoder layers, 100 queries,
+  hidden 256, its own Hungarian matcher and losses) on a transformers ResNet of the same depth;
+  nothing is downloaded;
+- ``maskrcnn``: torchvision's ``MaskRCNN`` on ``resnet_fpn_backbone(<depth>, weights=None)``
+  with trained BatchNorm (what ``maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)``
+  uses), i.e. the ``maskrcnn_resnet50_fpn`` family at our backbone depth.
+
+The budget is the same for every model: the same batches (our loader: same images, order,
+scale jitter and flips for one seed), optimizer steps, batch size, AdamW learning rate, weight
+decay, warmup + cosine schedule, gradient clipping (``stages.trainer.train`` runs every model),
+torch threads. The peers get our loader's normalised, padded images; Mask R-CNN's own resize
+is switched off (the loader already resized) and its normalisation is the identity. Every model
+is scored by the same code: ``pipeline.evaluation.evaluate_predictions`` (pycocotools segm) on
+the val manifest at ``--size``; the query models' outputs go through our Mask2Former-style
+post-processing (``pipeline.predictions``), Mask R-CNN's through its own (box score, pasted mask
+probabilities > 0.5).
+
+Each (size, steps, model) cell runs in its own process (``--threads`` torch threads) and writes
+``OUT/cells/<cell>/result.json``; a rerun skips finished cells, so the benchmark resumes. The
+table (mask AP, AP50, AP75, s/step over the training loop, peak memory: resident set of the
+cell's process on CPU, ``torch.cuda.max_memory_allocated`` on CUDA) is printed and written to
+``OUT/peers.txt``. ``--generate`` (default when no ``--train``) writes a synthetic benchmark per
+size with ``pipeline.synth`` at ``--data-seed`` (80 train / 40 val images).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODELS = ("knet", "mask2former", "hf_mask2former", "maskrcnn")
+OURS = ("knet", "mask2former")
+# transformers ResNet stage layout per torchvision depth (block type, blocks per stage, widths)
+RESNET_LAYOUT = {
+    "resnet18": ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
+    "resnet50": ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048]),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="results folder (resumable)")
+    p.add_argument("--train", type=Path, help="labeled train manifest (default: generated)")
+    p.add_argument("--val", type=Path, help="labeled val manifest (with --train)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[128],
+                   help="image sizes: the long side of training (scale jitter 0.8x-1x of it) "
+                        "and of evaluation")
+    p.add_argument("--steps", type=int, nargs="+", default=[250], help="training budgets")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warmup (default: a tenth of the budget, at most 100)")
+    p.add_argument("--depth", default="resnet18", choices=sorted(RESNET_LAYOUT),
+                   help="backbone depth of every model")
+    p.add_argument("--backbone-checkpoint", type=Path,
+                   help="local torchvision ResNet weights for ours and Mask R-CNN (the "
+                        "transformers peer then stays random: its ResNet has other names)")
+    p.add_argument("--preset", default="small", help="our model preset")
+    p.add_argument("--overrides", type=json.loads, default={"hidden_dim": 256},
+                   help="our ModelConfig overrides as JSON (default: hidden 256 as the peer)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=7)
+    p.add_argument("--data-dir", type=Path,
+                   help="where generated benchmarks live (default OUT/data; share one between "
+                        "--out folders that compare settings)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cell", type=json.loads, help=argparse.SUPPRESS)  # one cell (child process)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------
+# the peers, adapted to our batch contract
+
+
+def build_hf_mask2former(num_classes: int, depth: str, **config: Any):
+    """transformers' Mask2Former (its default config, or with ``config`` changes: tests use a
+    smaller one) on a random transformers ResNet of ``depth``."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
+
+    layer_type, depths, widths = RESNET_LAYOUT[depth]
+    backbone = ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=widths,
+                            out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = Mask2FormerConfig(backbone_config=backbone, num_labels=num_classes,
+                               use_pretrained_backbone=False, **config)
+    return Mask2FormerForUniversalSegmentation(config)
+
+
+def hf_mask2former_loss(model, batch: dict) -> dict:
+    """transformers computes its own matching and losses from per-image masks and labels."""
+    valid = valid_pixel_mask(batch)
+    out = model(pixel_values=batch["images"], pixel_mask=valid,
+                mask_labels=[t["masks"].float() for t in batch["targets"]],
+                class_labels=[t["labels"] for t in batch["targets"]])
+    return {"loss": out.loss}
+
+
+def valid_pixel_mask(batch: dict) -> Tensor:
+    """[B, H, W] long: 1 inside each image's valid region, 0 on the padding."""
+    images = batch["images"]
+    valid = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.long,
+                        device=images.device)
+    for i, (h, w) in enumerate(batch["image_sizes"]):
+        valid[i, :h, :w] = 1
+    return valid
+
+
+class QueryOutputs(nn.Module):
+    """transformers' Mask2Former returning our output contract (``pred_logits`` [B, Q, C+1],
+    ``pred_masks`` [B, Q, H/4, W/4]), so that our post-processing scores it as it scores ours."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, images: Tensor) -> dict:
+        out = self.inner(pixel_values=images)
+        return {"pred_logits": out.class_queries_logits, "pred_masks": out.masks_queries_logits}
+
+
+def build_maskrcnn(num_classes: int, depth: str, size: int, backbone_checkpoint: Path | None):
+    """torchvision Mask R-CNN, ResNet-``depth`` FPN backbone, trained BatchNorm when random
+    (FrozenBatchNorm2d with a checkpoint, as torchvision does), no resize of its own."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+    from torchvision.ops import misc
+
+    norm = misc.FrozenBatchNorm2d if backbone_checkpoint else nn.BatchNorm2d
+    backbone = resnet_fpn_backbone(backbone_name=depth, weights=None, norm_layer=norm,
+                                   trainable_layers=5)
+    if backbone_checkpoint:
+        state = torch.load(backbone_checkpoint, map_location="cpu", weights_only=True)
+        missing, _ = backbone.body.load_state_dict(state, strict=False)
+        if missing:
+            raise SystemExit(f"{backbone_checkpoint}: {len(missing)} backbone tensors missing "
+                             f"(first {missing[0]})")
+
+    class NoResize(GeneralizedRCNNTransform):
+        def resize(self, image, target=None):  # our loader has resized already
+            return image, target
+
+    model = MaskRCNN(backbone, num_classes=num_classes + 1, box_score_thresh=0.0,
+                     box_detections_per_img=100)
+    model.transform = NoResize(size, size, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    return model
+
+
+def maskrcnn_inputs(batch: dict) -> tuple[list, list]:
+    """Our padded batch -> torchvision's per-image tensors cropped to the valid region and
+    targets (xyxy boxes of the masks, labels 1..C, uint8 masks)."""
+    from torchvision.ops import masks_to_boxes
+
+    images, targets = [], []
+    for i, (h, w) in enumerate(batch["image_sizes"]):
+        images.append(batch["images"][i, :, :h, :w])
+        target = batch["targets"][i]
+        masks = target["masks"][:, :h, :w]
+        boxes = masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0], device=masks.device)
+        targets.append({"boxes": boxes, "labels": target["labels"] + 1,
+                        "masks": masks.to(torch.uint8)})
+    return images, targets
+
+
+def maskrcnn_loss(model, batch: dict) -> dict:
+    images, targets = maskrcnn_inputs(batch)
+    losses = model(images, targets)
+    return {"loss": sum(losses.values()), **losses}
+
+
+def maskrcnn_results(model, batches, category_ids: list[int], device) -> list[dict]:
+    """COCO results of Mask R-CNN: box scores, its pasted mask probabilities resized to the
+    original image size and thresholded at 0.5 (torchvision's convention)."""
+    import torch.nn.functional as F
+
+    from pipeline.predictions import Instances, instances_to_coco
+
+    model.eval()
+    results: list[dict] = []
+    with torch.inference_mode():
+        for batch in batches:
+            images = [batch["images"][i, :, :h, :w].to(device)
+                      for i, (h, w) in enumerate(batch["image_sizes"])]
+            for image_id, orig, det in zip(batch["image_ids"], batch["orig_sizes"],
+                                           model(images)):
+                probs = det["masks"][:, :1].float()
+                if len(probs):
+                    probs = F.interpolate(probs, size=tuple(orig), mode="bilinear",
+                                          align_corners=False)
+                masks = probs[:, 0] > 0.5
+                keep = masks.flatten(1).any(1)
+                results.extend(instances_to_coco(
+                    Instances(masks[keep].cpu(), det["scores"][keep].cpu(),
+                              (det["labels"][keep] - 1).cpu()), image_id, category_ids))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# one cell
+
+
+def train_config(spec: dict):
+    from stages.trainer import TrainConfig
+
+    steps = spec["steps"]
+    warmup = spec["warmup_steps"]
+    if warmup is None:
+        warmup = min(100, steps // 10)
+    return TrainConfig(max_steps=steps, lr=spec["lr"], warmup_steps=warmup,
+                       checkpoint_every=steps, log_every=max(1, steps // 10), seed=spec["seed"],
+                       progress=False, tensorboard=False)
+
+
+def augment_sizes(size: int) -> tuple[tuple[int, int], int]:
+    """(short-side jitter range, max long side) for square-ish images of long side ``size``."""
+    return (int(round(0.8 * size)), size), size
+
+
+def run_cell(spec: dict) -> dict:
+    """Train and score one model; returns the result row."""
+    from pipeline.coco_dataset import eval_loader, finetune_loader
+    from pipeline.evaluation import evaluate_predictions
+    from pipeline.manifest import load_manifest
+    from pipeline.transforms import AugmentConfig, eval_config
+    from stages.evaluate import evaluate_model, load_inference_model
+    from stages.finetune import FinetuneConfig, run_finetune
+    from stages.trainer import seed_all, train
+    from stages.training_setup import DataSection, ModelSection, resolve_device
+
+    torch.set_num_threads(spec["threads"])
+    run_dir = Path(spec["run_dir"])
+    device = torch.device(resolve_device(spec["device"]))
+    train_set, val_set = load_manifest(Path(spec["train"])), load_manifest(Path(spec["val"]))
+    category_ids = sorted(int(c["id"]) for c in train_set.categories)
+    jitter, long_side = augment_sizes(spec["size"])
+    train_cfg = train_config(spec)
+    model_name = spec["model"]
+    started = time.perf_counter()
+    if model_name in OURS:
+        overrides = dict(spec["overrides"])
+        run_finetune(FinetuneConfig(
+            train_data=Path(spec["train"]), out=run_dir, init="none",
+            model=ModelSection(preset=spec["preset"], decoder=model_name,
+                               backbone_checkpoint=spec["backbone_checkpoint"],
+                               overrides={"backbone": spec["depth"], **overrides}),
+            data=DataSection(batch_size=spec["batch_size"], short_side=jitter,
+                             max_long_side=long_side, eval_short_side=spec["size"],
+                             num_workers=0, seed=spec["seed"]),
+            train=train_cfg, device=str(device)), progress=False)
+        model = load_inference_model(run_dir, str(device)).model
+    else:
+        seed_all(spec["seed"])
+        if model_name == "hf_mask2former":
+            inner = build_hf_mask2former(len(category_ids), spec["depth"])
+            loss = hf_mask2former_loss
+        else:
+            ckpt = spec["backbone_checkpoint"]
+            inner = build_maskrcnn(len(category_ids), spec["depth"], spec["size"],
+                                   Path(ckpt) if ckpt else None)
+            loss = maskrcnn_loss
+        inner.to(device)
+        loader = finetune_loader(train_set, spec["batch_size"], seed=spec["seed"],
+                                 augment_config=AugmentConfig(jitter, long_side, 0.5),
+                                 category_map=category_ids)
+        train(inner, lambda module, batch, step: loss(module, batch), loader.make_batches,
+              train_cfg, run_dir, label=model_name)
+        model = QueryOutputs(inner) if model_name == "hf_mask2former" else inner
+    trained = time.perf_counter() - started
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    batches = eval_loader(val_set, 4, resize=eval_config(spec["size"], long_side),
+                          category_map=category_ids).make_batches(0)
+    if model_name == "maskrcnn":
+        metrics = evaluate_predictions(val_set.coco, maskrcnn_results(model, batches,
+                                                                      category_ids, device))
+    else:
+        metrics, _ = evaluate_model(model, batches, val_set.coco, category_ids, device=device)
+    if device.type != "cuda":
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    segm = metrics["segm"]
+    return {
+        "model": model_name, "size": spec["size"], "steps": spec["steps"],
+        "AP": segm["AP"], "AP50": segm["AP50"], "AP75": segm["AP75"],
+        "s_per_step": loop_seconds_per_step(run_dir / "metrics.jsonl"),
+        "train_wall_s": trained, "peak_mb": peak,
+        "memory": "cuda allocated" if device.type == "cuda" else "process RSS",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(device), "spec": {k: v for k, v in spec.items() if k != "run_dir"},
+    }
+
+
+def loop_seconds_per_step(metrics_file: Path) -> float:
+    """Mean seconds per optimizer step of the training loop (data wait included; start-up,
+    checkpoint writes and evaluation excluded), from the trainer's metrics lines."""
+    seconds, steps, last = 0.0, 0, 0
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "train":
+            window = record["step"] - last
+            seconds += record["step_seconds"] * window
+            steps += window
+            last = record["step"]
+    return seconds / max(steps, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# the driver
+
+
+def datasets(args: argparse.Namespace) -> dict[int, tuple[Path, Path]]:
+    """(train, val) manifest per size: the given pair, or a generated benchmark per size."""
+    if args.train is not None:
+        if args.val is None:
+            raise SystemExit("error: --train needs --val")
+        return {size: (args.train, args.val) for size in args.sizes}
+    from pipeline.synth import write_synth_dataset
+
+    pairs = {}
+    for size in args.sizes:
+        folder = (args.data_dir or args.out / "data") / f"{size}px"
+        if not (folder / "data.done").is_file():
+            write_synth_dataset(folder, seed=args.data_seed, num_unlabeled=0, num_train=80,
+                                num_val=40, image_size=size, progress=False)
+            (folder / "data.done").write_text("complete\n")
+        pairs[size] = (folder / "train.yaml", folder / "val.yaml")
+    return pairs
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| size | steps | model | mask AP | AP50 | AP75 | s/step | peak MB | params (M) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["size"], r["steps"], MODELS.index(r["model"]))):
+        lines.append(
+            f"| {r['size']} | {r['steps']} | {r['model']} | {100 * r['AP']:.1f} | "
+            f"{100 * r['AP50']:.1f} | {100 * r['AP75']:.1f} | {r['s_per_step']:.3f} | "
+            f"{r['peak_mb']:.0f} | {r['parameters'] / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.cell is not None:
+        result = run_cell(args.cell)
+        Path(args.cell["run_dir"], "result.json").write_text(json.dumps(result, indent=1))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for size, (train_manifest, val_manifest) in datasets(args).items():
+        for steps in args.steps:
+            for model in args.models:
+                name = f"{size}px-{steps}steps-{model}"
+                run_dir = args.out / "cells" / name
+                result_file = run_dir / "result.json"
+                if not result_file.is_file():
+                    spec = {"model": model, "size": size, "steps": steps,
+                            "train": str(train_manifest), "val": str(val_manifest),
+                            "batch_size": args.batch_size, "lr": args.lr,
+                            "warmup_steps": args.warmup_steps, "depth": args.depth,
+                            "backbone_checkpoint": (str(args.backbone_checkpoint)
+                                                    if args.backbone_checkpoint else None),
+                            "preset": args.preset, "overrides": args.overrides,
+                            "threads": args.threads, "seed": args.seed, "device": args.device,
+                            "run_dir": str(run_dir)}
+                    if run_dir.exists():  # an interrupted cell restarts from nothing
+                        import shutil
+                        shutil.rmtree(run_dir)
+                    run_dir.mkdir(parents=True)
+                    print(f"peers: {name} ...", flush=True)
+                    t0 = time.perf_counter()
+                    code = subprocess.call([sys.executable, __file__, "--out", str(args.out),
+                                            "--cell", json.dumps(spec)],
+                                           stdout=open(run_dir / "log.txt", "w"),
+                                           stderr=subprocess.STDOUT)
+                    if code:
+                        print(f"peers: {name} failed (exit {code}); see {run_dir / 'log.txt'}",
+                              flush=True)
+                        continue
+                    print(f"peers: {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
+                rows.append(json.loads(result_file.read_text()))
+    text = table(rows)
+    print(text)
+    (args.out / "peers.txt").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
