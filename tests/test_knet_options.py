@@ -134,9 +134,39 @@ def test_configs_stored_without_the_options_keep_the_old_decoder():
     """A checkpoint's model config written before the options existed builds the decoder it
     was trained with (soft grouping, D^-0.5 kernels, ReLU gates, no transform)."""
     stored = model_config("tiny").to_dict()
-    for name in ("knet_hard_masks", "knet_init_std", "knet_gate_relu", "knet_feature_transform"):
+    names = ("knet_hard_masks", "knet_init_std", "knet_gate_relu", "knet_feature_transform",
+             "mask_features_position")
+    for name in names:
         stored.pop(name)
     cfg = ModelConfig.from_dict(stored)
-    assert (cfg.knet_hard_masks, cfg.knet_init_std, cfg.knet_gate_relu,
-            cfg.knet_feature_transform) == (False, None, True, False)
+    assert tuple(getattr(cfg, n) for n in names) == (False, None, True, False, False)
     assert dataclasses.replace(cfg) == cfg
+
+
+def test_mask_features_position_adds_the_sine_map_to_p5_before_fusion():
+    from collections import OrderedDict
+
+    from uplvp_model.backbone import PixelDecoder
+    from uplvp_model.position_encoding import sine_position_map
+
+    torch.manual_seed(0)
+    plain = PixelDecoder((4, 8, 8, 16), 8, 4).eval()
+    placed = PixelDecoder((4, 8, 8, 16), 8, 4, position=True).eval()
+    placed.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(3)
+    feats = [torch.randn(1, c, 32 // s, 48 // s, generator=g)
+             for c, s in zip((4, 8, 8, 16), (1, 2, 4, 8))]
+    with torch.no_grad():
+        pyramid = list(plain.fpn(OrderedDict((f"c{i + 2}", f) for i, f in enumerate(feats)))
+                       .values())
+        pyramid[-1] = pyramid[-1] + sine_position_map(4, 6, 8)
+        fused = pyramid[0] + sum(F.interpolate(p, size=(32, 48), mode="bilinear",
+                                               align_corners=False) for p in pyramid[1:])
+        expected = plain.mask_head(fused)
+        got, levels = placed(feats)
+        base, base_levels = plain(feats)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, base, atol=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(levels, base_levels))  # P5..P2 unchanged
+    with pytest.raises(ValueError, match="mask_features_position"):
+        model_config("tiny", hidden_dim=30, num_heads=2, mask_features_position=True)

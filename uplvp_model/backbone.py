@@ -15,6 +15,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork, FrozenBatchNorm2d
 
+from .position_encoding import sine_position_map
+
 # ImageNet statistics for RGB images in [0, 1]; images are normalised as (x - mean) / std.
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
@@ -145,12 +147,16 @@ class PixelDecoder(nn.Module):
     Output of ``forward(feats)``:
         ``mask_features``: [B, D, H/s, W/s], the FPN levels with stride >= s upsampled
             (bilinear) to stride s, summed, then conv3x3-GroupNorm-ReLU and conv1x1
-            (a simplified semantic-FPN head as used by K-Net).
+            (a simplified semantic-FPN head as used by K-Net); with ``position`` a sine position
+            map (``position_encoding.sine_position_map``) is added to P5 before it is fused,
+            as K-Net's semantic FPN adds one to its coarsest input.
         ``levels``: [P5, P4, P3, P2], each [B, D, H/stride, W/stride], coarse to fine.
     """
 
-    def __init__(self, in_channels: tuple[int, ...], hidden_dim: int, mask_stride: int) -> None:
+    def __init__(self, in_channels: tuple[int, ...], hidden_dim: int, mask_stride: int,
+                 position: bool = False) -> None:
         super().__init__()
+        self.position = position
         if mask_stride not in LEVEL_STRIDES[:2]:
             raise ValueError(f"mask_stride must be 4 or 8, got {mask_stride}")
         self.mask_level = LEVEL_STRIDES.index(mask_stride)
@@ -169,7 +175,12 @@ class PixelDecoder(nn.Module):
         pyramid = list(self.fpn(named).values())
         target = pyramid[self.mask_level]
         fused = target
-        for level in pyramid[self.mask_level + 1:]:
+        coarser = pyramid[self.mask_level + 1:]
+        if self.position:
+            p5 = coarser[-1]
+            coarser[-1] = p5 + sine_position_map(*p5.shape[-2:], p5.shape[1], device=p5.device,
+                                                 dtype=p5.dtype)
+        for level in coarser:
             fused = fused + F.interpolate(level, size=target.shape[-2:], mode="bilinear",
                                           align_corners=False)
         return self.mask_head(fused), pyramid[::-1]

@@ -46,6 +46,9 @@ class ModelConfig:
         ffn_dim: hidden width of the feed-forward blocks.
         dropout: dropout in attention and feed-forward blocks.
         num_feature_levels: how many FPN levels (coarsest first) form ``multi_scale``.
+        mask_features_position: add a sine position map to P5 where it is fused into
+            ``mask_features`` (K-Net's semantic FPN does), so that dot-product masks can tell
+            apart alike objects at different places.
 
     K-Net fields:
         knet_cls_fcs / knet_mask_fcs: Linear-LayerNorm-ReLU blocks before the class head and
@@ -81,6 +84,7 @@ class ModelConfig:
     ffn_dim: int = 2048
     dropout: float = 0.0
     num_feature_levels: int = 3
+    mask_features_position: bool = False
     knet_cls_fcs: int = 1
     knet_mask_fcs: int = 1
     knet_hard_masks: bool = False
@@ -119,6 +123,9 @@ class ModelConfig:
         if self.knet_init_std is not None and not self.knet_init_std > 0:
             raise ValueError(f"ModelConfig.knet_init_std must be > 0 or None, got "
                              f"{self.knet_init_std!r}")
+        if self.mask_features_position and self.hidden_dim % 4:
+            raise ValueError(f"ModelConfig.mask_features_position needs hidden_dim divisible by "
+                             f"4, got {self.hidden_dim}")
         if self.hidden_dim % self.num_heads != 0:
             raise ValueError(
                 f"ModelConfig.hidden_dim ({self.hidden_dim}) must be divisible by "
@@ -141,14 +148,27 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them. A dict
-        without ``backbone_norm`` (stored before that field existed) means ``"bn"``, the only
-        normalisation there was."""
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them. A field
+        added after checkpoints existed and missing from ``values`` takes the value such older
+        configs were trained with (:data:`STORED_BEFORE`: e.g. no ``backbone_norm`` means
+        ``"bn"``, the only normalisation there was), not today's default."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**{"backbone_norm": "bn", **values})
+        return cls(**{**STORED_BEFORE, **values})
+
+
+# fields added after checkpoints were first written, with the behaviour a stored config that
+# lacks them had
+STORED_BEFORE: dict[str, Any] = {
+    "backbone_norm": "bn",
+    "knet_hard_masks": False,
+    "knet_init_std": None,
+    "knet_gate_relu": True,
+    "knet_feature_transform": False,
+    "mask_features_position": False,
+}
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -188,4 +208,5 @@ def model_config(preset: str, **overrides: Any) -> ModelConfig:
     ``ValueError``."""
     if preset not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
-    return ModelConfig.from_dict({"backbone_norm": "auto", **MODEL_PRESETS[preset], **overrides})
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in STORED_BEFORE}
+    return ModelConfig.from_dict({**defaults, **MODEL_PRESETS[preset], **overrides})

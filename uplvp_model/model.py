@@ -36,7 +36,7 @@ class QEISModel(nn.Module):
         self.cfg = cfg
         self.backbone = build_backbone(cfg.backbone, cfg.tiny_channels)
         self.pixel_decoder = PixelDecoder(self.backbone.out_channels, cfg.hidden_dim,
-                                          cfg.mask_stride)
+                                          cfg.mask_stride, position=cfg.mask_features_position)
         self.decoder = build_decoder(cfg)
         self.backbone_load_report: LoadReport | None = None
 
