@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # peer_models
 
 from pipeline.atomic import write_text_atomic  # noqa: E402
 from pipeline.coco import load_coco, write_coco  # noqa: E402
@@ -68,6 +69,12 @@ ARMS: dict[str, dict[str, Any] | None] = {
 # arms pre-trained on the pseudo masks and embeddings of the trained CLIP (`propose_clip/`,
 # StudyConfig.clip_*) instead of the classical proposer's, with these loss-section changes
 CLIP_ARMS: dict[str, dict[str, Any]] = {"clip": {}, "clip_text": {"text": "text_weight"}}
+# our decoders, and the CNN peer of the paper's claim: torchvision's Mask R-CNN on the study's
+# tiny CNN backbone at the width of our decoders (benchmarks/peer_models.py
+# build_maskrcnn_tiny), trained from scratch only, with the same loader, subsets, steps, batch,
+# lr, schedule and evaluation as our cells (value: the peer's backbone depth)
+DECODERS = ("knet", "mask2former", "maskrcnn")
+PEER_DECODERS = {"maskrcnn": "tiny"}
 
 
 class StudyConfig(BaseModel):
@@ -125,7 +132,8 @@ def run_study(cfg: StudyConfig, out: Path, poll_seconds: float = 10.0) -> None:
         data = prepare_data(cfg, out)
     cells = [{"decoder": decoder, "regime": regime, "seed": seed, "arm": arm}
              for decoder in cfg.decoders for regime in cfg.regimes
-             for seed in cfg.seeds for arm in cfg.arms]
+             for seed in cfg.seeds for arm in cfg.arms
+             if decoder not in PEER_DECODERS or arm == "scratch"]
     while True:
         ran = deferred = False
         for cell in cells:
@@ -307,18 +315,23 @@ def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> 
     run_dir = out / "finetune" / cell_name(cell)
     train_manifest = subset_manifest(cfg, data["data"], regime, seed)
     subset_size = len(load_coco(train_manifest.with_suffix(".json"))["images"])
+    train_cfg = TrainConfig(max_steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                            warmup_steps=min(50, cfg.finetune_steps // 10),
+                            eval_every=cfg.eval_every, log_every=50, seed=seed,
+                            checkpoint_every=max(1, cfg.finetune_steps // 2), progress=False)
+    if decoder in PEER_DECODERS:
+        segm = run_peer_cell(cfg, data, decoder, train_manifest, subset_size, seed, train_cfg,
+                             run_dir)
+        return {**cell, "AP": segm["AP"], "AP50": segm["AP50"], "AP75": segm["AP75"],
+                "run": str(run_dir.relative_to(out)),
+                "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
     run_finetune(
         FinetuneConfig(
             train_data=train_manifest,
             val_data=data["data"] / "val.yaml", init=init, out=run_dir,
             model=ModelSection(**cfg.model, decoder=decoder),
             data=data_section(cfg, seed, max_batch=subset_size),
-            num_points=None,
-            train=TrainConfig(max_steps=cfg.finetune_steps, lr=cfg.finetune_lr,
-                              warmup_steps=min(50, cfg.finetune_steps // 10),
-                              eval_every=cfg.eval_every, log_every=50, seed=seed,
-                              checkpoint_every=max(1, cfg.finetune_steps // 2), progress=False),
-            resume=True,
+            num_points=None, train=train_cfg, resume=True,
         ),
         progress=False,
     )
@@ -332,6 +345,29 @@ def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> 
     return {**cell, "AP": segm["AP"], "AP50": segm["AP50"], "AP75": segm["AP75"],
             "run": str(run_dir.relative_to(out)), "seconds": round(time.perf_counter() - t0, 1),
             "threads": torch.get_num_threads()}
+
+
+def run_peer_cell(cfg: StudyConfig, data: dict[str, Path], decoder: str, train_manifest: Path,
+                  subset_size: int, seed: int, train_cfg: TrainConfig, run_dir: Path) -> dict:
+    """Train the peer ``decoder`` from scratch on the cell's subset (resuming), evaluate it on
+    the val set; its segm metrics, also written to ``run_dir/evaluate/metrics.json``."""
+    import torch
+
+    from peer_models import score_peer, train_peer
+    from pipeline.manifest import load_manifest
+
+    train_set, val_set = load_manifest(train_manifest), load_manifest(data["data"] / "val.yaml")
+    category_ids = sorted(int(c["id"]) for c in val_set.categories)
+    section = data_section(cfg, seed, max_batch=subset_size)
+    device = torch.device("cpu")
+    model = train_peer(decoder, train_set, category_ids, batch_size=section.batch_size,
+                       augment=section.augment(), seed=seed, train_cfg=train_cfg,
+                       run_dir=run_dir, device=device, depth=PEER_DECODERS[decoder],
+                       size=cfg.eval_short_side, resume=True, val_set=val_set,
+                       eval_resize=section.eval_resize())
+    metrics = score_peer(decoder, model, val_set, category_ids, section.eval_resize(), device)
+    write_text_atomic(run_dir / "evaluate" / "metrics.json", json.dumps(metrics, indent=1))
+    return metrics["segm"]
 
 
 # --------------------------------------------------------------------------- report
@@ -533,6 +569,9 @@ def main() -> None:
     unknown = sorted(set(cfg.arms) - set(ARMS))
     if unknown:
         raise SystemExit(f"error: unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    unknown = sorted(set(cfg.decoders) - set(DECODERS))
+    if unknown:
+        raise SystemExit(f"error: unknown decoder(s) {unknown}; choose from {list(DECODERS)}")
     try:
         note = compose_note(args.note, args.note_file)  # a bad --note-file fails before the study
         if not args.report_only:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -51,14 +52,24 @@ from torch import Tensor, nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from peer_models import (  # noqa: E402,F401  (the adapters, re-exported for tests and users)
+    RESNET_LAYOUT,
+    QueryOutputs,
+    build_hf_mask2former,
+    build_maskrcnn,
+    hf_mask2former_loss,
+    maskrcnn_inputs,
+    maskrcnn_loss,
+    maskrcnn_results,
+    score_peer,
+    train_peer,
+    valid_pixel_mask,
+)
 
 MODELS = ("knet", "mask2former", "hf_mask2former", "maskrcnn")
 OURS = ("knet", "mask2former")
-# transformers ResNet stage layout per torchvision depth (block type, blocks per stage, widths)
-RESNET_LAYOUT = {
-    "resnet18": ("basic", [2, 2, 2, 2], [64, 128, 256, 512]),
-    "resnet50": ("bottleneck", [3, 4, 6, 3], [256, 512, 1024, 2048]),
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,132 +106,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------
-# the peers, adapted to our batch contract
-
-
-def build_hf_mask2former(num_classes: int, depth: str, **config: Any):
-    """transformers' Mask2Former (its default config, or with ``config`` changes: tests use a
-    smaller one) on a random transformers ResNet of ``depth``."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig
-
-    layer_type, depths, widths = RESNET_LAYOUT[depth]
-    backbone = ResNetConfig(layer_type=layer_type, depths=depths, hidden_sizes=widths,
-                            out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=backbone, num_labels=num_classes,
-                               use_pretrained_backbone=False, **config)
-    return Mask2FormerForUniversalSegmentation(config)
-
-
-def hf_mask2former_loss(model, batch: dict) -> dict:
-    """transformers computes its own matching and losses from per-image masks and labels."""
-    valid = valid_pixel_mask(batch)
-    out = model(pixel_values=batch["images"], pixel_mask=valid,
-                mask_labels=[t["masks"].float() for t in batch["targets"]],
-                class_labels=[t["labels"] for t in batch["targets"]])
-    return {"loss": out.loss}
-
-
-def valid_pixel_mask(batch: dict) -> Tensor:
-    """[B, H, W] long: 1 inside each image's valid region, 0 on the padding."""
-    images = batch["images"]
-    valid = torch.zeros((images.shape[0], *images.shape[-2:]), dtype=torch.long,
-                        device=images.device)
-    for i, (h, w) in enumerate(batch["image_sizes"]):
-        valid[i, :h, :w] = 1
-    return valid
-
-
-class QueryOutputs(nn.Module):
-    """transformers' Mask2Former returning our output contract (``pred_logits`` [B, Q, C+1],
-    ``pred_masks`` [B, Q, H/4, W/4]), so that our post-processing scores it as it scores ours."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, images: Tensor) -> dict:
-        out = self.inner(pixel_values=images)
-        return {"pred_logits": out.class_queries_logits, "pred_masks": out.masks_queries_logits}
-
-
-def build_maskrcnn(num_classes: int, depth: str, size: int, backbone_checkpoint: Path | None):
-    """torchvision Mask R-CNN, ResNet-``depth`` FPN backbone, trained BatchNorm when random
-    (FrozenBatchNorm2d with a checkpoint, as torchvision does), no resize of its own."""
-    from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform
-    from torchvision.ops import misc
-
-    norm = misc.FrozenBatchNorm2d if backbone_checkpoint else nn.BatchNorm2d
-    backbone = resnet_fpn_backbone(backbone_name=depth, weights=None, norm_layer=norm,
-                                   trainable_layers=5)
-    if backbone_checkpoint:
-        state = torch.load(backbone_checkpoint, map_location="cpu", weights_only=True)
-        missing, _ = backbone.body.load_state_dict(state, strict=False)
-        if missing:
-            raise SystemExit(f"{backbone_checkpoint}: {len(missing)} backbone tensors missing "
-                             f"(first {missing[0]})")
-
-    class NoResize(GeneralizedRCNNTransform):
-        def resize(self, image, target=None):  # our loader has resized already
-            return image, target
-
-    model = MaskRCNN(backbone, num_classes=num_classes + 1, box_score_thresh=0.0,
-                     box_detections_per_img=100)
-    model.transform = NoResize(size, size, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
-    return model
-
-
-def maskrcnn_inputs(batch: dict) -> tuple[list, list]:
-    """Our padded batch -> torchvision's per-image tensors cropped to the valid region and
-    targets (xyxy boxes of the masks, labels 1..C, uint8 masks)."""
-    from torchvision.ops import masks_to_boxes
-
-    images, targets = [], []
-    for i, (h, w) in enumerate(batch["image_sizes"]):
-        images.append(batch["images"][i, :, :h, :w])
-        target = batch["targets"][i]
-        masks = target["masks"][:, :h, :w]
-        boxes = masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0], device=masks.device)
-        targets.append({"boxes": boxes, "labels": target["labels"] + 1,
-                        "masks": masks.to(torch.uint8)})
-    return images, targets
-
-
-def maskrcnn_loss(model, batch: dict) -> dict:
-    images, targets = maskrcnn_inputs(batch)
-    losses = model(images, targets)
-    return {"loss": sum(losses.values()), **losses}
-
-
-def maskrcnn_results(model, batches, category_ids: list[int], device) -> list[dict]:
-    """COCO results of Mask R-CNN: box scores, its pasted mask probabilities resized to the
-    original image size and thresholded at 0.5 (torchvision's convention)."""
-    import torch.nn.functional as F
-
-    from pipeline.predictions import Instances, instances_to_coco
-
-    model.eval()
-    results: list[dict] = []
-    with torch.inference_mode():
-        for batch in batches:
-            images = [batch["images"][i, :, :h, :w].to(device)
-                      for i, (h, w) in enumerate(batch["image_sizes"])]
-            for image_id, orig, det in zip(batch["image_ids"], batch["orig_sizes"],
-                                           model(images)):
-                probs = det["masks"][:, :1].float()
-                if len(probs):
-                    probs = F.interpolate(probs, size=tuple(orig), mode="bilinear",
-                                          align_corners=False)
-                masks = probs[:, 0] > 0.5
-                keep = masks.flatten(1).any(1)
-                results.extend(instances_to_coco(
-                    Instances(masks[keep].cpu(), det["scores"][keep].cpu(),
-                              (det["labels"][keep] - 1).cpu()), image_id, category_ids))
-    return results
-
-
-# --------------------------------------------------------------------------------------------
 # one cell
 
 
@@ -243,13 +128,10 @@ def augment_sizes(size: int) -> tuple[tuple[int, int], int]:
 
 def run_cell(spec: dict) -> dict:
     """Train and score one model; returns the result row."""
-    from pipeline.coco_dataset import eval_loader, finetune_loader
-    from pipeline.evaluation import evaluate_predictions
     from pipeline.manifest import load_manifest
     from pipeline.transforms import AugmentConfig, eval_config
-    from stages.evaluate import evaluate_model, load_inference_model
+    from stages.evaluate import load_inference_model
     from stages.finetune import FinetuneConfig, run_finetune
-    from stages.trainer import seed_all, train
     from stages.training_setup import DataSection, ModelSection, resolve_device
 
     torch.set_num_threads(spec["threads"])
@@ -274,32 +156,16 @@ def run_cell(spec: dict) -> dict:
             train=train_cfg, device=str(device)), progress=False)
         model = load_inference_model(run_dir, str(device)).model
     else:
-        seed_all(spec["seed"])
-        if model_name == "hf_mask2former":
-            inner = build_hf_mask2former(len(category_ids), spec["depth"])
-            loss = hf_mask2former_loss
-        else:
-            ckpt = spec["backbone_checkpoint"]
-            inner = build_maskrcnn(len(category_ids), spec["depth"], spec["size"],
-                                   Path(ckpt) if ckpt else None)
-            loss = maskrcnn_loss
-        inner.to(device)
-        loader = finetune_loader(train_set, spec["batch_size"], seed=spec["seed"],
-                                 augment_config=AugmentConfig(jitter, long_side, 0.5),
-                                 category_map=category_ids)
-        train(inner, lambda module, batch, step: loss(module, batch), loader.make_batches,
-              train_cfg, run_dir, label=model_name)
-        model = QueryOutputs(inner) if model_name == "hf_mask2former" else inner
+        ckpt = spec["backbone_checkpoint"]
+        model = train_peer(model_name, train_set, category_ids, batch_size=spec["batch_size"],
+                           augment=AugmentConfig(jitter, long_side, 0.5), seed=spec["seed"],
+                           train_cfg=train_cfg, run_dir=run_dir, device=device,
+                           depth=spec["depth"], size=spec["size"], backbone_checkpoint=ckpt)
     trained = time.perf_counter() - started
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
-    batches = eval_loader(val_set, 4, resize=eval_config(spec["size"], long_side),
-                          category_map=category_ids).make_batches(0)
-    if model_name == "maskrcnn":
-        metrics = evaluate_predictions(val_set.coco, maskrcnn_results(model, batches,
-                                                                      category_ids, device))
-    else:
-        metrics, _ = evaluate_model(model, batches, val_set.coco, category_ids, device=device)
+    metrics = score_peer(model_name, model, val_set, category_ids,
+                         eval_config(spec["size"], long_side), device)
     if device.type != "cuda":
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     segm = metrics["segm"]
@@ -387,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
                             "threads": args.threads, "seed": args.seed, "device": args.device,
                             "run_dir": str(run_dir)}
                     if run_dir.exists():  # an interrupted cell restarts from nothing
-                        import shutil
                         shutil.rmtree(run_dir)
                     run_dir.mkdir(parents=True)
                     print(f"peers: {name} ...", flush=True)
