@@ -18,6 +18,12 @@ Arms: ``scratch``; ``no_inject`` (pre-trained on pseudo masks without prompt inj
 ``clip`` (as ``full``, but pseudo masks, labels and embeddings from the ``clip`` proposer on the
 CLIP trained by ``benchmarks/train_clip.py``: ``clip_checkpoint``) and ``clip_text`` (``clip``
 plus the CLIP text loss, weight ``text_weight``).
+
+Decoders: our ``knet`` and ``mask2former``, and ``maskrcnn``, the CNN model of the paper's claim:
+torchvision's Mask R-CNN on the same tiny CNN backbone with FPN and heads at our decoders' width
+(``benchmarks/peer_models.py`` ``build_maskrcnn_tiny``), ``scratch`` cells only, trained and
+scored on the same subsets, loader, budget and val set by ``peer_models.train_peer`` /
+``score_peer`` (its evaluation also lands in ``finetune/<cell>/evaluate/metrics.json``).
 """
 from __future__ import annotations
 
@@ -130,10 +136,7 @@ def run_study(cfg: StudyConfig, out: Path, poll_seconds: float = 10.0) -> None:
     with file_lock(out / "locks" / "prepare.lock"):
         record_config(cfg, out)
         data = prepare_data(cfg, out)
-    cells = [{"decoder": decoder, "regime": regime, "seed": seed, "arm": arm}
-             for decoder in cfg.decoders for regime in cfg.regimes
-             for seed in cfg.seeds for arm in cfg.arms
-             if decoder not in PEER_DECODERS or arm == "scratch"]
+    cells = study_cells(cfg)
     while True:
         ran = deferred = False
         for cell in cells:
@@ -157,6 +160,15 @@ def run_study(cfg: StudyConfig, out: Path, poll_seconds: float = 10.0) -> None:
             return  # every cell is done or being run by another (live) process
         if deferred and not ran:
             time.sleep(poll_seconds)  # wait for another process's pre-training
+
+
+def study_cells(cfg: StudyConfig) -> list[dict]:
+    """Every selected (decoder, regime, seed, arm) cell; a peer decoder (Mask R-CNN) has only
+    its ``scratch`` cells: our pre-training does not apply to it."""
+    return [{"decoder": decoder, "regime": regime, "seed": seed, "arm": arm}
+            for decoder in cfg.decoders for regime in cfg.regimes
+            for seed in cfg.seeds for arm in cfg.arms
+            if decoder not in PEER_DECODERS or arm == "scratch"]
 
 
 def cell_name(cell: dict) -> str:

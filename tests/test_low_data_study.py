@@ -186,3 +186,34 @@ def test_clip_arms_pretrain_on_the_clip_proposers_shards_with_the_text_loss(stud
                           "horseshoe", "hexagon"]
     with pytest.raises(study.InputError, match="the clip arms need clip_checkpoint"):
         study.clip_shards(toy_config(study), out, out / "data")
+
+
+def test_maskrcnn_cells_are_scratch_only_and_train_evaluate_and_report(study, tmp_path):
+    cfg = toy_config(study, regimes=[100], decoders=["knet", "maskrcnn"])
+    assert [(c["decoder"], c["arm"]) for c in study.study_cells(cfg)] == [
+        ("knet", "scratch"), ("knet", "full"), ("maskrcnn", "scratch")]
+    out = tmp_path / "study"
+    out.mkdir()
+    data = study.prepare_data(cfg, out)
+    cell = {"decoder": "maskrcnn", "regime": 100, "seed": 0, "arm": "scratch"}
+    result = study.run_cell(cfg, out, data, cell)
+    run = out / result["run"]
+    assert result["run"] == "finetune/maskrcnn-100pct-seed0-scratch"
+    evaluated = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert result["AP"] == evaluated["segm"]["AP"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "val/segm_AP" in r] == [1, 2]  # eval_every=1, 2 steps
+    with open(out / "results.jsonl", "w") as fh:
+        fh.write(json.dumps(result) + "\n")
+    assert "| maskrcnn | 100% | scratch | 1 |" in study.report(out, None)
+
+
+def test_an_unknown_decoder_is_one_error_line(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("decoders: [knet, yolo]\n")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "s"),
+                           "--config", str(config)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: unknown decoder(s) ['yolo']; choose from ['knet', 'mask2former', 'maskrcnn']")
+    assert not (tmp_path / "s").exists()

@@ -123,3 +123,31 @@ def test_table_rows_are_percent_and_sorted_by_model_order():
     assert lines[2].startswith("| 128 | 250 | knet | 5.1 | 11.9 | 3.0 | 1.234 | 1500 | 30.9 |")
     assert "maskrcnn" in lines[3]
     assert np.isclose(float(lines[3].split("|")[4]), 5.1)
+
+
+def test_tiny_maskrcnn_is_our_tiny_backbone_under_a_width_64_fpn_and_trains():
+    import peer_models  # benchmarks/, on the path since load_script
+
+    from uplvp_model.backbone import TinyBackbone
+
+    torch.manual_seed(0)
+    model = peer_models.build_maskrcnn_tiny(3, 96)
+    assert isinstance(model.backbone.body, TinyBackbone)
+    assert model.backbone.body.out_channels == (16, 32, 64, 128)  # the study's tiny CNN
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 128
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4  # 3 classes + background
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 4
+    levels = model.backbone(torch.zeros(1, 3, 64, 96))
+    # strides 4, 8, 16, 32 and the max-pooled 64, each at width 64, in torchvision's order
+    assert [(k, tuple(v.shape)) for k, v in levels.items()] == [
+        ("0", (1, 64, 16, 24)), ("1", (1, 64, 8, 12)), ("2", (1, 64, 4, 6)),
+        ("3", (1, 64, 2, 3)), ("pool", (1, 64, 1, 2))]
+    batch = planted_batch()
+    model.train()
+    losses = peers.maskrcnn_loss(model, batch)
+    assert {"loss_classifier", "loss_mask", "loss_box_reg", "loss_objectness"} <= set(losses)
+    losses["loss"].backward()
+    assert model.backbone.body.body[0][0].weight.grad.abs().sum() > 0  # reaches the backbone
+    full = peers.build_maskrcnn(3, "resnet18", 96, None)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model) * 20 < count(full)  # the study's size, not ResNet-18 FPN's
