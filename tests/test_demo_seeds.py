@@ -1,11 +1,9 @@
 """benchmarks/demo_seeds.py: one line per seed from a demo summary, and the target verdict."""
-import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_seeds.py"
-spec = importlib.util.spec_from_file_location("demo_seeds", SCRIPT)
-demo_seeds = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(demo_seeds)
+from benchmark_scripts import load_benchmark
+
+demo_seeds = load_benchmark("demo_seeds")
 
 
 def summary(pre_ap, scratch_ap, reach, seconds=300.0, final=500):

@@ -1,7 +1,5 @@
 """benchmarks/finetune_probe.py: objectness scores, label accuracy on hand-made detections, and
 the script end to end against `uplvp stage evaluate` on the same checkpoint."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +13,10 @@ from uplvp_model.checkpoint import save_model_state
 from uplvp_model.config import model_config
 from uplvp_model.model import build_model
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import load_benchmark
 
 
-def load_script():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("finetune_probe", BENCHMARKS / "finetune_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-probe = load_script()
+probe = load_benchmark("finetune_probe")
 
 
 def rle(mask: np.ndarray) -> dict:

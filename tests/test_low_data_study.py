@@ -1,5 +1,4 @@
 """benchmarks/low_data_study.py with toy budgets: runs every cell, resumes, re-reports."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,16 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from benchmark_scripts import load_benchmark
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "low_data_study.py"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("low_data_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["low_data_study"] = module  # pydantic resolves the module's annotations there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("low_data_study")
 
 
 def test_study_runs_resumes_and_reports(study, tmp_path):

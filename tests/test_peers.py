@@ -1,8 +1,6 @@
 """benchmarks/peers.py: the adapters that put transformers' Mask2Former and torchvision's Mask
 R-CNN on our batch contract and our scoring, checked on planted inputs."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +10,10 @@ from pycocotools import mask as mask_utils
 
 from pipeline.predictions import batch_to_coco_results
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import load_benchmark
 
 
-def load_script():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("peers", BENCHMARKS / "peers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-peers = load_script()
+peers = load_benchmark("peers")
 
 
 def planted_batch() -> dict:
@@ -126,7 +116,7 @@ def test_table_rows_are_percent_and_sorted_by_model_order():
 
 
 def test_tiny_maskrcnn_is_our_tiny_backbone_under_a_width_64_fpn_and_trains():
-    import peer_models  # benchmarks/, on the path since load_script
+    import peer_models  # benchmarks/ is on sys.path since load_benchmark
 
     from uplvp_model.backbone import TinyBackbone
 

@@ -1,6 +1,5 @@
 """benchmarks/pretrain_probe.py: class-agnostic ground truth, best-IoU statistics, loading a
 pre-training checkpoint, and the script end to end on tiny generated data."""
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +15,10 @@ from uplvp_model.model import build_model
 from uplvp_model.pretraining import PromptedModel
 from uplvp_model.prompts import PromptEncoder
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "pretrain_probe.py"
+from benchmark_scripts import load_benchmark
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-probe = load_script()
+probe = load_benchmark("pretrain_probe")
 
 
 def rle(mask: np.ndarray) -> dict:

@@ -1,25 +1,11 @@
 """benchmarks/study_details.py on a hand-made study folder with known values."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from benchmark_scripts import load_benchmark
 
 
-def load_script():
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling low_data_study
-    try:
-        spec = importlib.util.spec_from_file_location("study_details",
-                                                      BENCHMARKS / "study_details.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
-
-
-details = load_script()
+details = load_benchmark("study_details")
 
 
 def write_run(folder: Path, dice: float, aps: list[float]) -> None:

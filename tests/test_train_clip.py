@@ -3,9 +3,7 @@ the dense training path, and a tiny end-to-end run whose checkpoint ``load_clip`
 from __future__ import annotations
 
 import colorsys
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +14,10 @@ from pipeline.synth import CATEGORIES, synth_example
 from stages.propose import read_vocabulary
 from uplvp_model.proposal.clip_dense import dense_clip_features, load_clip
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_clip.py"
+from benchmark_scripts import load_benchmark
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_clip", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-tc = load_script()
+tc = load_benchmark("train_clip")
 Obj = tc.SceneObject
 
 TINY_CONFIG = {
