@@ -1,6 +1,4 @@
 """benchmarks/demo_seeds.py: one line per seed from a demo summary, and the target verdict."""
-from pathlib import Path
-
 from benchmark_scripts import load_benchmark
 
 demo_seeds = load_benchmark("demo_seeds")
