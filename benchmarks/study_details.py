@@ -6,8 +6,10 @@ Reads ``results.jsonl`` and the runs' ``metrics.jsonl`` of a ``benchmarks/low_da
 folder (or a copy of its kept export, ``benchmarks/results/study``, which has no pre-training
 runs) and prints, per (decoder, regime, arm):
 
-1. the final mask AP of each seed, and the per-seed difference to the ``full`` arm (mean ± std,
-   how many seeds are below it);
+1. the final mask AP of each seed, and the per-seed difference to the reference arms (mean ±
+   std, how many seeds are below): ``full`` for every arm, ``full`` and ``clip`` for
+   ``clip_text``; a peer decoder's (Mask R-CNN's) cells against our decoders' ``scratch``,
+   ``full`` and ``clip_text`` cells of the same regime;
 2. the validation mask AP curve, mean over seeds, at every evaluated step;
 3. the fine-tuning training losses (dice, CE, mask BCE), mean over seeds, at steps 50, 200 and
    the last logged step;
@@ -26,7 +28,7 @@ from pipeline.splits import format_percent
 from stages.inspect_run import read_metrics
 from stages.run_logging import METRICS_FILE
 
-from low_data_study import ARMS, read_results  # noqa: E402  (sibling script)
+from low_data_study import ARMS, DECODERS, PEER_DECODERS, read_results  # noqa: E402  (sibling)
 
 LOSS_STEPS = (50, 200)
 LOSS_KEYS = ("loss_dice", "loss_ce", "loss_bce")
@@ -49,22 +51,47 @@ def label(key: tuple) -> str:
 
 
 def mean_std(values: list[float]) -> str:
+    """``+m ± s`` at one decimal (a mean that rounds to zero prints ``+0.0``, never ``-0.0``)."""
+    if not values:
+        return "-"
+    mean = round(statistics.mean(values), 1) + 0.0  # + 0.0 turns -0.0 into 0.0
     if len(values) < 2:
-        return f"{values[0]:+.1f}" if values else "-"
-    return f"{statistics.mean(values):+.1f} ± {statistics.stdev(values):.1f}"
+        return f"{mean:+.1f}"
+    return f"{mean:+.1f} ± {statistics.stdev(values):.1f}"
+
+
+# the arms each arm is compared with, seed by seed, within its decoder (default: ``full``)
+REFERENCES: dict[str, tuple[str, ...]] = {"full": (), "clip_text": ("full", "clip")}
+# arms of our decoders a peer decoder's (Mask R-CNN's) cells are compared with
+PEER_REFERENCES = ("scratch", "full", "clip_text")
+
+
+def difference(by_seed: dict[int, dict], reference: dict[int, dict], name: str) -> str:
+    """``   vs NAME: d0 d1 d2 = mean ± std (k/n below)`` over the seeds both have (AP points,
+    this row minus the reference), or "" when they share no seed."""
+    diffs = [100 * (r["AP"] - reference[s]["AP"]) for s, r in by_seed.items() if s in reference]
+    if not diffs:
+        return ""
+    below = sum(d < 0 for d in diffs)
+    return (f"   vs {name}: {' '.join(f'{d:+.1f}' for d in diffs)} = {mean_std(diffs)}"
+            f" ({below}/{len(diffs)} below)")
 
 
 def per_seed_lines(grouped: dict[tuple, dict[int, dict]]) -> list[str]:
-    lines = ["final mask AP per seed; difference to `full` of the same seed"]
+    lines = ["final mask AP per seed; difference to the reference arms of the same seed "
+             "(`full`; `clip_text`: `full` and `clip`; Mask R-CNN: our decoders' "
+             f"{', '.join(PEER_REFERENCES)})"]
     for key, by_seed in grouped.items():
+        decoder, regime, arm = key
         aps = "  ".join(f"s{s} {100 * r['AP']:4.1f}" for s, r in by_seed.items())
-        full = grouped.get((key[0], key[1], "full"), {})
-        diffs = [100 * (r["AP"] - full[s]["AP"]) for s, r in by_seed.items() if s in full]
         text = f"  {label(key):<28} {aps}"
-        if key[2] != "full" and diffs:
-            below = sum(d < 0 for d in diffs)
-            text += (f"   vs full: {' '.join(f'{d:+.1f}' for d in diffs)} = {mean_std(diffs)}"
-                     f" ({below}/{len(diffs)} below)")
+        if decoder in PEER_DECODERS:
+            references = [((other, regime, ref), f"{other} {ref}") for other in DECODERS
+                          if other not in PEER_DECODERS for ref in PEER_REFERENCES]
+        else:
+            references = [((decoder, regime, ref), ref) for ref in REFERENCES.get(arm, ("full",))]
+        for ref_key, name in references:
+            text += difference(by_seed, grouped.get(ref_key, {}), name)
         lines.append(text)
     return lines
 

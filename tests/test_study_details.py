@@ -47,3 +47,31 @@ def test_details_prints_per_seed_differences_curves_losses_and_pretraining(tmp_p
 def test_main_refuses_a_folder_without_results(tmp_path, capsys):
     assert details.main(["--out", str(tmp_path)]) == 2
     assert "no results.jsonl" in capsys.readouterr().err
+
+
+def test_clip_text_is_compared_with_full_and_clip_and_maskrcnn_with_our_decoders(tmp_path):
+    cells = [("knet", "full", 0, 0.02), ("knet", "full", 1, 0.04),
+             ("knet", "clip", 0, 0.03), ("knet", "clip", 1, 0.03),
+             ("knet", "clip_text", 0, 0.05), ("knet", "clip_text", 1, 0.06),
+             ("knet", "scratch", 0, 0.01), ("mask2former", "full", 1, 0.10),
+             ("maskrcnn", "scratch", 0, 0.04), ("maskrcnn", "scratch", 1, 0.02)]
+    with open(tmp_path / "results.jsonl", "w") as fh:
+        for decoder, arm, seed, ap in cells:
+            run = f"finetune/{decoder}-1pct-seed{seed}-{arm}"
+            write_run(tmp_path / run, 1.0, [ap])
+            fh.write(json.dumps({"decoder": decoder, "regime": 1.0, "seed": seed, "arm": arm,
+                                 "AP": ap, "run": run}) + "\n")
+    lines = details.details(tmp_path).splitlines()
+
+    def row(name: str) -> str:
+        return next(line for line in lines if line.startswith(f"  {name} "))
+
+    assert row("knet 1% clip_text").split("   vs ")[1:] == [
+        "full: +3.0 +2.0 = +2.5 ± 0.7 (0/2 below)", "clip: +2.0 +3.0 = +2.5 ± 0.7 (0/2 below)"]
+    assert row("knet 1% clip").split("   vs ")[1:] == ["full: +1.0 -1.0 = +0.0 ± 1.4 (1/2 below)"]
+    assert row("knet 1% full").split("   vs ")[1:] == []
+    # Mask R-CNN minus each of our cells of the same regime and seed (one shared seed: no std)
+    assert row("maskrcnn 1% scratch").split("   vs ")[1:] == [
+        "knet scratch: +3.0 = +3.0 (0/1 below)", "knet full: +2.0 -2.0 = +0.0 ± 2.8 (1/2 below)",
+        "knet clip_text: -1.0 -4.0 = -2.5 ± 2.1 (2/2 below)",
+        "mask2former full: -8.0 = -8.0 (1/1 below)"]
