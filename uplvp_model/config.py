@@ -49,6 +49,9 @@ class ModelConfig:
         mask_features_position: add a sine position map to P5 where it is fused into
             ``mask_features`` (K-Net's semantic FPN does), so that dot-product masks can tell
             apart alike objects at different places.
+        semantic_head: a 1x1 convolution on ``mask_features`` predicting per-class logits
+            ``pred_semantic`` [B, C, H/s, W/s] (K-Net's ``conv_seg``), trained by the criteria's
+            dense semantic focal loss (its ``loss_rpn_seg``); not used at inference.
 
     K-Net fields:
         knet_cls_fcs / knet_mask_fcs: Linear-LayerNorm-ReLU blocks before the class head and
@@ -85,6 +88,7 @@ class ModelConfig:
     dropout: float = 0.0
     num_feature_levels: int = 3
     mask_features_position: bool = False
+    semantic_head: bool = False
     knet_cls_fcs: int = 1
     knet_mask_fcs: int = 1
     knet_hard_masks: bool = False
@@ -168,6 +172,7 @@ STORED_BEFORE: dict[str, Any] = {
     "knet_gate_relu": True,
     "knet_feature_transform": False,
     "mask_features_position": False,
+    "semantic_head": False,
 }
 
 

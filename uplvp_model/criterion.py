@@ -33,6 +33,8 @@ from uplvp_model.losses import (
     point_sample,
     resize_masks,
     sample_points,
+    semantic_focal_loss,
+    semantic_label_map,
     text_alignment_loss,
 )
 from uplvp_model.matcher import HungarianMatcher, identity_weight_schedule
@@ -54,6 +56,17 @@ def decoder_layers(outputs: dict) -> list[tuple[str, dict]]:
     layers = [("", outputs)]
     layers += [(f"_aux{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
     return layers
+
+
+def semantic_loss(outputs: dict, targets: list[dict]) -> Tensor | None:
+    """K-Net's dense semantic loss of ``outputs["pred_semantic"]`` [B, C, h, w] (a model with
+    ``semantic_head``) against the targets' per-pixel labels at that size
+    (:func:`~uplvp_model.losses.semantic_focal_loss`); None when the outputs have none."""
+    semantic = outputs.get("pred_semantic")
+    if semantic is None:
+        return None
+    labels = semantic_label_map(targets, semantic.shape[1], tuple(semantic.shape[-2:]))
+    return semantic_focal_loss(semantic, labels)
 
 
 def check_targets(targets: list[dict], batch: int, keys: tuple[str, ...]) -> None:
@@ -136,6 +149,10 @@ class PretrainCriterion(nn.Module):
       ``text_embeddings`` with the target's ``label_index``; needs ``kernel_dim`` and
       ``text_dim`` and creates the learnable ``text_projection`` (train it with the model).
 
+    Once per batch, when the outputs hold ``pred_semantic`` (a model with ``semantic_head``):
+    ``semantic``, K-Net's dense semantic focal loss (:func:`semantic_loss`, weight
+    ``semantic_weight``, default 1 as K-Net's ``loss_rpn_seg``).
+
     Matching: ``HungarianMatcher`` (class 2, BCE 1, dice 4), blended with the prompt-identity
     cost using ``identity_weight_schedule(step, identity_warmup_steps, identity_start,
     identity_end)`` when ``kernel_to_prompt`` is given.
@@ -159,9 +176,11 @@ class PretrainCriterion(nn.Module):
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         detach_prompt_targets: bool = True,
+        semantic_weight: float = 1.0,
         matcher: HungarianMatcher | None = None,
     ) -> None:
         super().__init__()
+        self.semantic_weight = semantic_weight
         if text_weight > 0 and (kernel_dim is None or text_dim is None):
             raise ValueError("PretrainCriterion: text_weight > 0 needs kernel_dim and text_dim")
         self.weights = {
@@ -215,6 +234,9 @@ class PretrainCriterion(nn.Module):
             )
             for name, value in self._layer_losses(layer, targets, indices, num_masks, generator).items():
                 losses[f"loss_{name}{suffix}"] = self.weights[name] * value
+        semantic = semantic_loss(outputs, targets)
+        if semantic is not None:
+            losses["loss_semantic"] = self.semantic_weight * semantic
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses
 
@@ -267,6 +289,9 @@ class SetCriterion(nn.Module):
       weighted mean as in ``F.cross_entropy(weight=...)``.
     - ``bce`` / ``dice``: mask losses of matched pairs.
 
+    Once per batch, when the outputs hold ``pred_semantic``: ``semantic`` (:func:`semantic_loss`,
+    weight ``semantic_weight``, default 1).
+
     Matching: ``HungarianMatcher`` whose cost weights are the loss weights (as in Mask2Former),
     unless a ``matcher`` is given. ``kernel_to_prompt`` must be None
     and ``step`` is unused (the arguments exist so both criteria share one call).
@@ -280,10 +305,12 @@ class SetCriterion(nn.Module):
         dice_weight: float = 5.0,
         no_object_weight: float = 0.1,
         num_points: int | None = 12544,
+        semantic_weight: float = 1.0,
         matcher: HungarianMatcher | None = None,
     ) -> None:
         super().__init__()
         self.weights = {"ce": ce_weight, "bce": bce_weight, "dice": dice_weight}
+        self.semantic_weight = semantic_weight
         self.no_object_weight = no_object_weight
         self.num_points = num_points
         # the assignment optimises what the loss measures: a user who re-weights a loss term
@@ -327,5 +354,8 @@ class SetCriterion(nn.Module):
             }
             for name, value in terms.items():
                 losses[f"loss_{name}{suffix}"] = self.weights[name] * value
+        semantic = semantic_loss(outputs, targets)
+        if semantic is not None:
+            losses["loss_semantic"] = self.semantic_weight * semantic
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses

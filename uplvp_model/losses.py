@@ -151,3 +151,36 @@ def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
         return values
     resized = F.interpolate(values[:, None], size=size, mode="bilinear", align_corners=False, antialias=True)
     return resized[:, 0].clamp(0.0, 1.0)
+
+
+def semantic_label_map(targets: list[dict], num_classes: int, size: tuple[int, int]) -> Tensor:
+    """Per-pixel class index [B, h, w] (long) of the targets' instance masks at ``size``.
+
+    Each target's ``masks`` [M, H, W] are resized (:func:`resize_masks`) and a pixel of value
+    >= 0.5 takes the mask's label; where masks overlap the later one wins (K-Net's
+    ``seg_targets``); pixels no mask covers hold ``num_classes`` (background).
+    """
+    device = targets[0]["masks"].device if targets else None
+    labels = torch.full((len(targets), *size), num_classes, dtype=torch.long, device=device)
+    for i, target in enumerate(targets):
+        masks = resize_masks(target["masks"], size) >= 0.5
+        for mask, label in zip(masks, target["labels"].tolist()):
+            if not 0 <= label < num_classes:
+                raise ValueError(f"semantic_label_map: label {label} outside [0, {num_classes})")
+            labels[i][mask] = label
+    return labels
+
+
+def semantic_focal_loss(logits: Tensor, label_map: Tensor, *, alpha: float = 0.25,
+                        gamma: float = 2.0) -> Tensor:
+    """K-Net's dense semantic loss: sigmoid focal loss of every pixel and class of ``logits``
+    [B, C, h, w] against the one-hot ``label_map`` [B, h, w] (value C = background: all C
+    targets 0), summed and divided by the number of foreground pixels (at least 1)."""
+    num_classes = logits.shape[1]
+    if label_map.shape != (logits.shape[0], *logits.shape[-2:]):
+        raise ValueError(f"semantic_focal_loss: label_map must be {[logits.shape[0], *logits.shape[-2:]]}, "
+                         f"got {list(label_map.shape)}")
+    one_hot = F.one_hot(label_map.to(logits.device), num_classes + 1)[..., :num_classes]
+    targets = one_hot.permute(0, 3, 1, 2).float()
+    loss = sigmoid_focal_loss(logits.float(), targets, alpha=alpha, gamma=gamma, reduction="sum")
+    return loss / (label_map < num_classes).sum().clamp(min=1).float()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 from torch import Tensor, nn
 
@@ -38,6 +39,8 @@ class QEISModel(nn.Module):
         self.pixel_decoder = PixelDecoder(self.backbone.out_channels, cfg.hidden_dim,
                                           cfg.mask_stride, position=cfg.mask_features_position)
         self.decoder = build_decoder(cfg)
+        self.semantic_head = (build_semantic_head(cfg.hidden_dim, cfg.num_classes)
+                              if cfg.semantic_head else None)
         self.backbone_load_report: LoadReport | None = None
 
     def extract_features(self, images: Tensor) -> dict:
@@ -69,14 +72,18 @@ class QEISModel(nn.Module):
         Returns ``pred_logits`` [B, N, C+1] (last index = no object), ``pred_masks``
         [B, N, H/s, W/s] mask logits, ``kernels`` [B, N, D] final kernel states and
         ``aux_outputs``: ``cfg.num_stages`` dicts with the same keys, stage 0 (predictions from
-        the input kernels) first.
+        the input kernels) first; with ``cfg.semantic_head`` also ``pred_semantic`` [B, C,
+        H/s, W/s], per-class logits of every pixel of ``mask_features``.
         """
         b = features["mask_features"].shape[0]
         expected = (b, self.cfg.num_kernels, self.cfg.hidden_dim)
         if tuple(kernels.shape) != expected:
             raise ValueError(f"kernels must be [B, N, D] = {list(expected)}, "
                              f"got {list(kernels.shape)}")
-        return self.decoder(features, kernels)
+        outputs = self.decoder(features, kernels)
+        if self.semantic_head is not None:
+            outputs["pred_semantic"] = self.semantic_head(features["mask_features"])
+        return outputs
 
     def forward(self, images: Tensor, kernels: Tensor | None = None,
                 return_features: bool = False) -> dict:
@@ -93,12 +100,15 @@ class QEISModel(nn.Module):
     def class_head_keys(self) -> list[str]:
         """State-dict keys of the class-count-dependent layers (sorted)."""
         heads = {id(m) for m in self.decoder.class_heads()}
+        if self.semantic_head is not None:
+            heads.add(id(self.semantic_head))
         return sorted(f"{name}.{p}" for name, module in self.named_modules()
                       if id(module) in heads for p, _ in module.named_parameters())
 
     def reset_class_head(self, num_classes: int) -> None:
-        """Replace every class head by a freshly initialised Linear(D, num_classes + 1) on the
-        same device and dtype; everything else is kept."""
+        """Replace every class head by a freshly initialised Linear(D, num_classes + 1) (and
+        the semantic head by a fresh :func:`build_semantic_head`) on the same device and
+        dtype; everything else is kept."""
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         heads = {id(head) for head in self.decoder.class_heads()}
@@ -109,7 +119,20 @@ class QEISModel(nn.Module):
                 setattr(parent, attr, nn.Linear(module.in_features, num_classes + 1,
                                                 device=module.weight.device,
                                                 dtype=module.weight.dtype))
+        if self.semantic_head is not None:
+            weight = self.semantic_head.weight
+            self.semantic_head = build_semantic_head(self.cfg.hidden_dim, num_classes).to(
+                device=weight.device, dtype=weight.dtype)
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
+
+
+def build_semantic_head(dim: int, num_classes: int) -> nn.Conv2d:
+    """1x1 conv ``dim -> num_classes``, K-Net's init: weights normal (std 0.01), bias at a
+    prior probability of 0.01 (``-log(99)``), so the dense focal loss starts small."""
+    head = nn.Conv2d(dim, num_classes, 1)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.constant_(head.bias, -math.log(99.0))
+    return head
 
 
 def build_model(cfg: ModelConfig) -> QEISModel:
