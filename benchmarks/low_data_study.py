@@ -449,41 +449,62 @@ def summarise(out: Path, records: list[dict]) -> list[dict]:
             f"{100 * statistics.mean(gains):+.1f}" + (
                 f" ± {100 * statistics.stdev(gains):.1f}" if len(gains) > 1 else "")
             + f" ({sum(g > 0 for g in gains)}/{len(gains)} seeds > 0)")
+    # the CNN peer's scratch mean at the same regime (the paper's claim: QEIS vs CNN)
+    peer_mean = {r["regime"]: r["ap_mean"] for r in rows
+                 if r["decoder"] in PEER_DECODERS and r["arm"] == "scratch"}
+    for r in rows:
+        base = peer_mean.get(r["regime"])
+        r["vs_peer"] = f"{r['ap_mean'] / base:.2f}x" if base else "-"
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The results table; with Mask R-CNN rows, a column of each row's AP over Mask R-CNN's
+    scratch AP at the same regime (mean over seeds)."""
+    peer = any(r["decoder"] in PEER_DECODERS for r in rows)
     header = ("| decoder | labeled | arm | seeds | mask AP | AP50 | AP75 | AP / scratch | "
-              "AP gain over scratch, paired by seed | steps to scratch's final AP (per seed) |\n"
-              "|---|---|---|---|---|---|---|---|---|---|\n")
+              + ("AP / Mask R-CNN | " if peer else "")
+              + "AP gain over scratch, paired by seed | steps to scratch's final AP (per seed) |\n"
+              + "|---" * (11 if peer else 10) + "|\n")
     return header + "".join(
         f"| {r['decoder']} | {format_percent(r['regime'])}% | {r['arm']} | {r['seeds']} | "
-        f"{r['AP']} | {r['AP50']} | {r['AP75']} | {r['ratio']} | {r['gain']} | {r['reach']} |\n"
+        f"{r['AP']} | {r['AP50']} | {r['AP75']} | {r['ratio']} | "
+        + (f"{r['vs_peer']} | " if peer else "")
+        + f"{r['gain']} | {r['reach']} |\n"
         for r in rows)
 
 
 def plot_curves(out: Path, records: list[dict]) -> list[Path]:
-    """One PNG per (decoder, regime): mean val mask AP vs fine-tuning step for each arm."""
+    """One PNG per (decoder, regime): mean val mask AP vs fine-tuning step for each arm, with
+    the peer decoders' (Mask R-CNN's) scratch curves of the regime drawn dashed on our
+    decoders' plots (a peer gets a plot of its own only at a regime none of ours ran)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     paths = []
     keys = sorted({(r["decoder"], r["regime"]) for r in records})
+    ours = {regime for decoder, regime in keys if decoder not in PEER_DECODERS}
+    keys = [(d, g) for d, g in keys if d not in PEER_DECODERS or g not in ours]
     for decoder, regime in keys:
         figure = Figure(figsize=(7, 4.5))
         FigureCanvasAgg(figure)
         ax = figure.add_subplot()
-        for arm in ARMS:
+        lines = [(decoder, arm, arm) for arm in ARMS]
+        if decoder not in PEER_DECODERS:
+            lines += [(peer, "scratch", f"{peer} scratch") for peer in PEER_DECODERS]
+        for line_decoder, arm, name in lines:
             curves = [ap_curve(out / r["run"] / METRICS_FILE) for r in records
-                      if (r["decoder"], r["regime"], r["arm"]) == (decoder, regime, arm)]
+                      if (r["decoder"], r["regime"], r["arm"]) == (line_decoder, regime, arm)]
             curves = [c for c in curves if c]
             if not curves:
                 continue
             length = min(len(c) for c in curves)
             steps = [s for s, _ in curves[0][:length]]
             mean = [100 * statistics.mean(c[i][1] for c in curves) for i in range(length)]
-            line, = ax.plot(steps, mean, label=f"{arm} (n={len(curves)})",
-                            linewidth=2 if arm in ("scratch", "full") else 1)
+            peer_line = line_decoder != decoder
+            line, = ax.plot(steps, mean, label=f"{name} (n={len(curves)})",
+                            linewidth=2 if arm in ("scratch", "full") else 1,
+                            **({"linestyle": "--", "color": "black"} if peer_line else {}))
             if len(curves) > 1:  # ± one standard deviation over seeds
                 std = [100 * statistics.stdev(c[i][1] for c in curves) for i in range(length)]
                 ax.fill_between(steps, [m - d for m, d in zip(mean, std)],

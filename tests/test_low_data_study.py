@@ -152,6 +152,17 @@ def test_summary_ratio_paired_gain_and_steps_to_reach(study, tmp_path):
     assert (full["AP"], full["ratio"]) == ("4.0 ± 1.4", "2.67x")
     assert full["gain"] == "+2.5 ± 0.7 (2/2 seeds > 0)"  # per seed: +2.0 and +3.0 points
     assert full["reach"] == "50%, 100%"  # seed 1 reaches scratch's 2.0 only at step 100
+    assert full["vs_peer"] == "-" and "Mask R-CNN" not in study.markdown_table([scratch, full])
+
+    records.append({"decoder": "maskrcnn", "regime": 5, "seed": 0, "arm": "scratch",
+                    "AP": 0.08, "AP50": 0.1, "AP75": 0.05, "run": run("m0", [(100, 0.08)])})
+    rows = study.summarise(tmp_path, records)
+    assert [(r["decoder"], r["arm"], r["vs_peer"]) for r in rows] == [
+        ("knet", "scratch", "0.19x"), ("knet", "full", "0.50x"), ("maskrcnn", "scratch", "1.00x")]
+    table = study.markdown_table(rows).splitlines()
+    assert table[0].split(" | ")[8] == "AP / Mask R-CNN" and len(table[1].split("|")) == 13
+    assert table[3].startswith("| knet | 5% | full | 2 | 4.0 ± 1.4 | 7.0 ± 1.4 | 1.5 ± 0.7 | "
+                               "2.67x | 0.50x | +2.5 ± 0.7")
 
 
 def test_clip_arms_pretrain_on_the_clip_proposers_shards_with_the_text_loss(study, tmp_path):
