@@ -114,12 +114,14 @@ def curve_and_loss_lines(out: Path, grouped: dict[tuple, dict[int, dict]]) -> li
                            if all(e[s] is not None for e in evals))
         curves.append(f"  {label(key):<28} {points}")
         last = min(max(r["step"] for r in run if r.get("kind") == "train") for run in runs)
-        parts = []
+        parts, logged = [], False
         for step in (*LOSS_STEPS, last):
             values = [mean_at(runs, step, k) for k in LOSS_KEYS]
+            logged = logged or any(v is not None for v in values)
             shown = " / ".join("-" if v is None else f"{v:.2f}" for v in values)
             parts.append(f"step {step}: {shown}")
-        losses.append(f"  {label(key):<28} " + "   ".join(parts))
+        if logged:  # Mask R-CNN logs other losses
+            losses.append(f"  {label(key):<28} " + "   ".join(parts))
     return curves + [""] + losses
 
 
