@@ -366,10 +366,11 @@ def run_peer_cell(cfg: StudyConfig, data: dict[str, Path], decoder: str, train_m
     import torch
 
     from peer_models import score_peer, train_peer
+    from pipeline.coco_dataset import category_ids as sorted_category_ids
     from pipeline.manifest import load_manifest
 
     train_set, val_set = load_manifest(train_manifest), load_manifest(data["data"] / "val.yaml")
-    category_ids = sorted(int(c["id"]) for c in val_set.categories)
+    category_ids = sorted_category_ids(val_set.categories)
     section = data_section(cfg, seed, max_batch=subset_size)
     device = torch.device("cpu")
     model = train_peer(decoder, train_set, category_ids, batch_size=section.batch_size,

@@ -128,6 +128,7 @@ def augment_sizes(size: int) -> tuple[tuple[int, int], int]:
 
 def run_cell(spec: dict) -> dict:
     """Train and score one model; returns the result row."""
+    from pipeline.coco_dataset import category_ids as sorted_category_ids
     from pipeline.manifest import load_manifest
     from pipeline.transforms import AugmentConfig, eval_config
     from stages.evaluate import load_inference_model
@@ -138,7 +139,7 @@ def run_cell(spec: dict) -> dict:
     run_dir = Path(spec["run_dir"])
     device = torch.device(resolve_device(spec["device"]))
     train_set, val_set = load_manifest(Path(spec["train"])), load_manifest(Path(spec["val"]))
-    category_ids = sorted(int(c["id"]) for c in train_set.categories)
+    category_ids = sorted_category_ids(train_set.categories)
     jitter, long_side = augment_sizes(spec["size"])
     train_cfg = train_config(spec)
     model_name = spec["model"]
