@@ -334,9 +334,19 @@ def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> 
     if decoder in PEER_DECODERS:
         segm = run_peer_cell(cfg, data, decoder, train_manifest, subset_size, seed, train_cfg,
                              run_dir)
-        return {**cell, "AP": segm["AP"], "AP50": segm["AP50"], "AP75": segm["AP75"],
-                "run": str(run_dir.relative_to(out)),
-                "seconds": round(time.perf_counter() - t0, 1), "threads": torch.get_num_threads()}
+    else:
+        segm = run_our_cell(cfg, data, decoder, train_manifest, subset_size, seed, train_cfg,
+                            run_dir, init)
+    return {**cell, "AP": segm["AP"], "AP50": segm["AP50"], "AP75": segm["AP75"],
+            "run": str(run_dir.relative_to(out)), "seconds": round(time.perf_counter() - t0, 1),
+            "threads": torch.get_num_threads()}
+
+
+def run_our_cell(cfg: StudyConfig, data: dict[str, Path], decoder: str, train_manifest: Path,
+                 subset_size: int, seed: int, train_cfg: TrainConfig, run_dir: Path,
+                 init: str) -> dict:
+    """Fine-tune our ``decoder`` from ``init`` (resuming), then ``evaluate`` its final
+    checkpoint on the val set (into ``run_dir/evaluate``); its segm metrics."""
     run_finetune(
         FinetuneConfig(
             train_data=train_manifest,
@@ -353,10 +363,7 @@ def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> 
                        max_long_side=cfg.max_long_side, batch_size=4),
         progress=False,
     )
-    segm = report["segm"]
-    return {**cell, "AP": segm["AP"], "AP50": segm["AP50"], "AP75": segm["AP75"],
-            "run": str(run_dir.relative_to(out)), "seconds": round(time.perf_counter() - t0, 1),
-            "threads": torch.get_num_threads()}
+    return report["segm"]
 
 
 def run_peer_cell(cfg: StudyConfig, data: dict[str, Path], decoder: str, train_manifest: Path,
