@@ -9,7 +9,8 @@ Models (``--models``), all from random initialisation (or ``--backbone-checkpoin
 local torchvision ResNet weights for every model that can take them):
 
 - ``knet`` / ``mask2former``: ours, trained by ``uplvp stage finetune`` (``run_finetune``) and
-  scored by ``uplvp stage evaluate``'s code, ``--preset`` with ``--overrides``;
+  scored by ``uplvp stage evaluate``'s code, ``--preset`` with ``--overrides`` (ModelConfig)
+  and ``--loss`` (the fine-tuning loss options, e.g. ``{"importance_sample_ratio": 0.75}``);
 - ``hf_mask2former``: transformers' ``Mask2FormerForUniversalSegmentation`` built from its
   default ``Mask2FormerConfig`` (6 deformable encoder layers, 10 decoder layers, 100 queries,
   hidden 256, its own Hungarian matcher and losses) on a transformers ResNet of the same depth;
@@ -70,6 +71,9 @@ from peer_models import (  # noqa: E402,F401  (the adapters, re-exported for tes
 
 MODELS = ("knet", "mask2former", "hf_mask2former", "maskrcnn")
 OURS = ("knet", "mask2former")
+# FinetuneConfig fields that --loss may set
+LOSS_OPTIONS = ("ce_weight", "bce_weight", "dice_weight", "no_object_weight", "num_points",
+                "importance_sample_ratio", "oversample_ratio")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="small", help="our model preset")
     p.add_argument("--overrides", type=json.loads, default={"hidden_dim": 256},
                    help="our ModelConfig overrides as JSON (default: hidden 256 as the peer)")
+    p.add_argument("--loss", type=json.loads, default={},
+                   help="our fine-tuning loss options as JSON: any of " + ", ".join(LOSS_OPTIONS))
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=7)
@@ -102,7 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--out folders that compare settings)")
     p.add_argument("--device", default="auto")
     p.add_argument("--cell", type=json.loads, help=argparse.SUPPRESS)  # one cell (child process)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.loss) - set(LOSS_OPTIONS))
+    if unknown:
+        p.error(f"--loss: unknown option(s) {', '.join(unknown)}; choose from {', '.join(LOSS_OPTIONS)}")
+    return args
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +164,7 @@ def run_cell(spec: dict) -> dict:
             data=DataSection(batch_size=spec["batch_size"], short_side=jitter,
                              max_long_side=long_side, eval_short_side=spec["size"],
                              num_workers=0, seed=spec["seed"]),
-            train=train_cfg, device=str(device)), progress=False)
+            train=train_cfg, device=str(device), **spec.get("loss", {})), progress=False)
         model = load_inference_model(run_dir, str(device)).model
     else:
         ckpt = spec["backbone_checkpoint"]
@@ -251,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                             "backbone_checkpoint": (str(args.backbone_checkpoint)
                                                     if args.backbone_checkpoint else None),
                             "preset": args.preset, "overrides": args.overrides,
-                            "threads": args.threads, "seed": args.seed, "device": args.device,
+                            "loss": args.loss, "threads": args.threads, "seed": args.seed, "device": args.device,
                             "run_dir": str(run_dir)}
                     if run_dir.exists():  # an interrupted cell restarts from nothing
                         shutil.rmtree(run_dir)

@@ -44,6 +44,11 @@ class FinetuneConfig(StageConfig):
                                      checkpoint_every=200)
     no_object_weight: float = 0.1
     num_points: int | None = 12544  # point-sampled mask losses; None: full masks (small images)
+    ce_weight: float = 2.0  # loss weights (and matching cost weights), Mask2Former's
+    bce_weight: float = 5.0
+    dice_weight: float = 5.0
+    importance_sample_ratio: float = 0.0  # share of the points at the least certain places
+    oversample_ratio: float = 3.0  # candidates per point for importance sampling
     device: str = "auto"
     resume: bool = False
 
@@ -72,8 +77,11 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     init_report = initialise_from(model, cfg.init, cfg.init_skip,
                                   allow_partial=cfg.model.allow_partial_init)
     model.to(device)
-    criterion = SetCriterion(no_object_weight=cfg.no_object_weight,
-                             num_points=cfg.num_points).to(device)
+    criterion = SetCriterion(
+        ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
+        no_object_weight=cfg.no_object_weight, num_points=cfg.num_points,
+        importance_sample_ratio=cfg.importance_sample_ratio, oversample_ratio=cfg.oversample_ratio,
+    ).to(device)
     loader = finetune_loader(
         train_set, cfg.data.batch_size, seed=cfg.data.seed, augment_config=cfg.data.augment(),
         category_map=category_ids, **cfg.data.worker_options(device),

@@ -233,3 +233,25 @@ def test_set_criterion_matching_costs_follow_its_loss_weights():
     assert (by_class.matcher.class_weight, by_class.matcher.bce_weight) == (1.0, 0.0)
     assert by_class.matcher(logits, masks, targets)[0][0].tolist() == [0]
     assert by_mask.matcher(logits, masks, targets)[0][0].tolist() == [1]
+
+
+def test_set_criterion_importance_sampling_weights_the_uncertain_pixels():
+    # one matched kernel; its mask is exactly right (+-20) except a band of logit 0 in columns
+    # 1-2 of 8 (BCE ln 2 whatever the target): the uniform BCE averages that quarter of the
+    # width with ~0 elsewhere, the importance-sampled BCE (points in the band) is ~ln 2
+    target = torch.ones(1, H, H, dtype=torch.bool)
+    target[0, :, : H // 2] = False
+    mask = torch.where(torch.nn.functional.interpolate(target[None].float(), size=(8, 8))[0, 0] > 0.5,
+                       20.0, -20.0)
+    mask[:, 1:3] = 0.0
+    outputs = {"pred_logits": torch.tensor([[[5.0, 0.0]]]), "pred_masks": mask[None, None],
+               "kernels": torch.zeros(1, 1, D)}
+    targets = [{"labels": torch.tensor([0]), "masks": target}]
+    kwargs = dict(num_points=400, ce_weight=0.0, bce_weight=1.0, dice_weight=0.0)
+    uniform = SetCriterion(**kwargs)(outputs, targets, generator=torch.Generator().manual_seed(0))
+    important = SetCriterion(importance_sample_ratio=1.0, oversample_ratio=8.0, **kwargs)(
+        outputs, targets, generator=torch.Generator().manual_seed(0))
+    assert uniform["loss_bce"].item() < 0.5 * math.log(2)
+    assert important["loss_bce"].item() > 0.9 * math.log(2)
+    with pytest.raises(ValueError):
+        SetCriterion(importance_sample_ratio=2.0)

@@ -15,6 +15,7 @@ from uplvp_model.losses import (
     resize_masks,
     sample_points,
     text_alignment_loss,
+    uncertain_points,
 )
 
 LN2 = math.log(2.0)
@@ -98,3 +99,46 @@ def test_resize_masks():
     assert torch.equal(out[0], torch.ones(4, 4)) and torch.equal(out[1], torch.zeros(4, 4))
     assert torch.equal(resize_masks(masks, (8, 8)), masks.float())
     assert resize_masks(torch.zeros(0, 8, 8), (2, 3)).shape == (0, 2, 3)
+
+
+def _band_logits() -> torch.Tensor:
+    """One 16x16 mask: logit 0 (uncertain) in columns 6-9, +-20 elsewhere."""
+    logits = torch.full((1, 16, 16), 20.0)
+    logits[0, :, :6] = -20.0
+    logits[0, :, 6:10] = 0.0
+    return logits
+
+
+def test_uncertain_points_all_importance_lie_in_the_uncertain_band():
+    points = uncertain_points(_band_logits(), 200, oversample_ratio=4.0, importance_sample_ratio=1.0,
+                              generator=torch.Generator().manual_seed(0))
+    assert points.shape == (1, 200, 2)
+    # columns 6-9 span x in [6/16, 10/16]; bilinear blending only reaches |logit| < 20 within
+    # half a pixel of the band, so every kept point is in [5.5/16, 10.5/16]
+    x = points[0, :, 0]
+    assert bool(((x > 5.5 / 16) & (x < 10.5 / 16)).all())
+    assert float(point_sample(_band_logits(), points[0]).abs().max()) < 20.0
+
+
+def test_uncertain_points_mix_and_uniform_limit():
+    logits = _band_logits()
+    mixed = uncertain_points(logits, 100, oversample_ratio=3.0, importance_sample_ratio=0.75,
+                             generator=torch.Generator().manual_seed(1))
+    x = mixed[0, :, 0]
+    in_band = (x > 5.5 / 16) & (x < 10.5 / 16)
+    # the first 75 are the importance points; the last 25 are uniform (band is 1/4 of the width)
+    assert bool(in_band[:75].all()) and int(in_band[75:].sum()) < 25
+    # ratio 0: the candidates are drawn and discarded, then 100 uniform points from the same stream
+    generator = torch.Generator().manual_seed(2)
+    uniform = uncertain_points(logits, 100, oversample_ratio=3.0, importance_sample_ratio=0.0,
+                               generator=generator)
+    reference = torch.Generator().manual_seed(2)
+    sample_points(300, num_sets=1, generator=reference)
+    assert torch.equal(uniform, sample_points(100, num_sets=1, generator=reference))
+
+
+@pytest.mark.parametrize("kwargs", [{"oversample_ratio": 0.5}, {"importance_sample_ratio": 1.5},
+                                    {"importance_sample_ratio": -0.1}])
+def test_uncertain_points_rejects_bad_ratios(kwargs):
+    with pytest.raises(ValueError):
+        uncertain_points(_band_logits(), 10, **kwargs)

@@ -141,3 +141,16 @@ def test_tiny_maskrcnn_is_our_tiny_backbone_under_a_width_64_fpn_and_trains():
     full = peers.build_maskrcnn(3, "resnet18", 96, None)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(model) * 20 < count(full)  # the study's size, not ResNet-18 FPN's
+
+
+def test_loss_options_are_finetune_fields_and_unknown_ones_fail_in_one_line(capsys):
+    from stages.finetune import FinetuneConfig
+
+    assert set(peers.LOSS_OPTIONS) <= set(FinetuneConfig.model_fields)
+    args = peers.parse_args(["--out", "x", "--loss", '{"importance_sample_ratio": 0.75}'])
+    assert args.loss == {"importance_sample_ratio": 0.75}
+    with pytest.raises(SystemExit) as exit_info:
+        peers.parse_args(["--out", "x", "--loss", '{"dice": 4}'])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--loss: unknown option(s) dice; choose from " + ", ".join(peers.LOSS_OPTIONS))

@@ -12,8 +12,8 @@ Both are called as ``criterion(outputs, targets, *, kernel_to_prompt=None, step=
 
 They return ``dict[str, Tensor]``: every term already multiplied by its weight (final layer
 ``"loss_<term>"``, aux layer i ``"loss_<term>_aux<i>"``) and ``"loss"``, their sum.
-Mask terms compare matched predictions and targets at K uniform random points per mask
-(``num_points``) or, with ``num_points=None``, on the prediction grid (targets resampled
+Mask terms compare matched predictions and targets at K random points per mask (``num_points``;
+uniform, or importance-sampled in ``SetCriterion``) or, with ``num_points=None``, on the prediction grid (targets resampled
 bilinearly). Mask and objectness terms are normalised by the number of target masks in the batch
 (under ``torch.distributed``: the mean count over ranks, as DETR does, so that the gradient
 averaged by DistributedDataParallel equals that of the whole global batch).
@@ -36,6 +36,7 @@ from uplvp_model.losses import (
     semantic_focal_loss,
     semantic_label_map,
     text_alignment_loss,
+    uncertain_points,
 )
 from uplvp_model.matcher import HungarianMatcher, identity_weight_schedule
 
@@ -90,11 +91,15 @@ def matched_mask_samples(
     indices: Indices,
     num_points: int | None,
     generator: torch.Generator | None,
+    importance_sample_ratio: float = 0.0,
+    oversample_ratio: float = 3.0,
 ) -> tuple[Tensor, Tensor]:
     """Matched mask logits and targets brought to the same samples: two [sum M_i, K] tensors.
 
-    With ``num_points`` K each matched pair gets its own K uniform random points; with None,
-    K = h * w and the targets are resampled to the prediction grid.
+    With ``num_points`` K each matched pair gets its own K uniform random points, or, with
+    ``importance_sample_ratio`` > 0, Mask2Former's importance-sampled points
+    (:func:`~uplvp_model.losses.uncertain_points`); with None, K = h * w and the targets are
+    resampled to the prediction grid.
     """
     size = tuple(pred_masks.shape[-2:])
     logits, values = [], []
@@ -105,7 +110,13 @@ def matched_mask_samples(
             logits.append(pred.flatten(1))
             values.append(resize_masks(target, size).flatten(1))
         else:
-            points = sample_points(num_points, num_sets=len(src), generator=generator, device=pred_masks.device)
+            if importance_sample_ratio > 0:
+                points = uncertain_points(pred, num_points, oversample_ratio=oversample_ratio,
+                                          importance_sample_ratio=importance_sample_ratio,
+                                          generator=generator)
+            else:
+                points = sample_points(num_points, num_sets=len(src), generator=generator,
+                                       device=pred_masks.device)
             logits.append(point_sample(pred, points))
             values.append(point_sample(target, points))
     return torch.cat(logits), torch.cat(values)
@@ -287,7 +298,10 @@ class SetCriterion(nn.Module):
     - ``ce``: softmax cross-entropy over C + 1 classes for all B x N kernels, unmatched kernels
       target the last (no-object) class whose class weight is ``no_object_weight`` (0.1);
       weighted mean as in ``F.cross_entropy(weight=...)``.
-    - ``bce`` / ``dice``: mask losses of matched pairs.
+    - ``bce`` / ``dice``: mask losses of matched pairs, at ``num_points`` points per mask: uniform,
+      or with ``importance_sample_ratio`` > 0 Mask2Former's importance sampling (that share of
+      the points where the prediction is least certain, among ``oversample_ratio`` x as many
+      uniform candidates; Mask2Former uses 0.75 and 3). Matching always uses uniform points.
 
     Once per batch, when the outputs hold ``pred_semantic``: ``semantic`` (:func:`semantic_loss`,
     weight ``semantic_weight``, default 1).
@@ -306,9 +320,18 @@ class SetCriterion(nn.Module):
         no_object_weight: float = 0.1,
         num_points: int | None = 12544,
         semantic_weight: float = 1.0,
+        importance_sample_ratio: float = 0.0,
+        oversample_ratio: float = 3.0,
         matcher: HungarianMatcher | None = None,
     ) -> None:
         super().__init__()
+        if not 0.0 <= importance_sample_ratio <= 1.0:
+            raise ValueError(f"SetCriterion: importance_sample_ratio must be in [0, 1], got "
+                             f"{importance_sample_ratio}")
+        if not oversample_ratio >= 1.0:
+            raise ValueError(f"SetCriterion: oversample_ratio must be >= 1, got {oversample_ratio}")
+        self.importance_sample_ratio = importance_sample_ratio
+        self.oversample_ratio = oversample_ratio
         self.weights = {"ce": ce_weight, "bce": bce_weight, "dice": dice_weight}
         self.semantic_weight = semantic_weight
         self.no_object_weight = no_object_weight
@@ -345,7 +368,8 @@ class SetCriterion(nn.Module):
             class_weight = torch.ones(num_classes + 1, device=logits.device)
             class_weight[-1] = self.no_object_weight
             mask_logits, mask_targets = matched_mask_samples(
-                layer["pred_masks"], targets, indices, self.num_points, generator
+                layer["pred_masks"], targets, indices, self.num_points, generator,
+                self.importance_sample_ratio, self.oversample_ratio,
             )
             terms = {
                 "ce": F.cross_entropy(logits.float().transpose(1, 2), target_classes, weight=class_weight),

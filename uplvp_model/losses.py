@@ -117,6 +117,44 @@ def sample_points(
     return torch.rand(shape, generator=generator).to(device)
 
 
+def uncertain_points(
+    logits: Tensor,
+    num_points: int,
+    *,
+    oversample_ratio: float = 3.0,
+    importance_sample_ratio: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Points where each mask is least certain, plus uniform ones: [M, num_points, 2] (x, y).
+
+    Mask2Former's (PointRend's) importance sampling for the mask losses: draw
+    ``int(num_points * oversample_ratio)`` uniform candidates per mask, keep the
+    ``int(num_points * importance_sample_ratio)`` whose logit (bilinearly sampled from ``logits``
+    [M, h, w], detached) is closest to 0 (uncertainty ``-|logit|``), and fill up with uniform
+    points. All draws come from ``generator`` (CPU), as in :func:`sample_points`.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"uncertain_points: logits must be [M, h, w], got {tuple(logits.shape)}")
+    if not oversample_ratio >= 1.0:
+        raise ValueError(f"uncertain_points: oversample_ratio must be >= 1, got {oversample_ratio}")
+    if not 0.0 <= importance_sample_ratio <= 1.0:
+        raise ValueError(f"uncertain_points: importance_sample_ratio must be in [0, 1], got "
+                         f"{importance_sample_ratio}")
+    num_masks = logits.shape[0]
+    num_candidates = max(int(num_points * oversample_ratio), num_points)
+    num_uncertain = int(num_points * importance_sample_ratio)
+    candidates = sample_points(num_candidates, num_sets=num_masks, generator=generator,
+                               device=logits.device)
+    uncertainty = -point_sample(logits.detach(), candidates).abs()
+    keep = uncertainty.topk(num_uncertain, dim=1).indices
+    chosen = candidates.gather(1, keep[..., None].expand(-1, -1, 2))
+    if num_uncertain == num_points:
+        return chosen
+    uniform = sample_points(num_points - num_uncertain, num_sets=num_masks, generator=generator,
+                            device=logits.device)
+    return torch.cat([chosen, uniform], dim=1)
+
+
 def point_sample(masks: Tensor, points: Tensor) -> Tensor:
     """Bilinearly sample masks at normalised points.
 
