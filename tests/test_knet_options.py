@@ -13,6 +13,11 @@ from uplvp_model.config import ModelConfig, model_config
 from uplvp_model.decoders.knet import KernelUpdateStage, KernelUpdator, KNetDecoder
 
 
+# the options' values before issue 16 made K-Net's reference the default
+LEGACY = {"knet_hard_masks": False, "knet_init_std": None, "knet_gate_relu": True,
+          "knet_feature_transform": False}
+
+
 def stage_with(**overrides) -> tuple[KernelUpdateStage, ModelConfig]:
     cfg = model_config("tiny", hidden_dim=8, num_heads=2, ffn_dim=16, **overrides)
     torch.manual_seed(0)
@@ -42,7 +47,7 @@ def planted_inputs():
 
 
 def test_soft_grouping_sums_sigmoid_weighted_features():
-    stage, _ = stage_with()
+    stage, _ = stage_with(**LEGACY)
     kernels, masks, features = planted_inputs()
     pooled = captured_pooled(stage, kernels, masks, features)
     expected = torch.einsum("bnhw,bdhw->bnd", masks.sigmoid(), features)
@@ -50,7 +55,7 @@ def test_soft_grouping_sums_sigmoid_weighted_features():
 
 
 def test_hard_grouping_sums_features_inside_binary_masks_and_blocks_their_gradient():
-    stage, _ = stage_with(knet_hard_masks=True)
+    stage, _ = stage_with(**{**LEGACY, "knet_hard_masks": True})
     kernels, masks, features = planted_inputs()
     masks.requires_grad_(True)
     features.requires_grad_(True)
@@ -60,7 +65,7 @@ def test_hard_grouping_sums_features_inside_binary_masks_and_blocks_their_gradie
     pooled.sum().backward()
     assert features.grad is not None
     assert masks.grad is None or torch.count_nonzero(masks.grad) == 0
-    soft, _ = stage_with()
+    soft, _ = stage_with(**LEGACY)
     masks.grad = None
     captured_pooled(soft, kernels, masks, features).sum().backward()
     assert torch.count_nonzero(masks.grad) > 0  # the soft masks pass gradient
@@ -79,7 +84,7 @@ def test_feature_transform_maps_features_for_grouping_and_new_masks():
     mask_kernels = stage.mask_kernel(stage.mask_fcs(new_kernels))
     assert torch.allclose(new_masks, torch.einsum("bnd,bdhw->bnhw", mask_kernels, transformed),
                           atol=1e-5)
-    plain, _ = stage_with()
+    plain, _ = stage_with(**LEGACY)
     assert plain.feature_transform is None
 
 
@@ -170,3 +175,20 @@ def test_mask_features_position_adds_the_sine_map_to_p5_before_fusion():
     assert all(torch.equal(a, b) for a, b in zip(levels, base_levels))  # P5..P2 unchanged
     with pytest.raises(ValueError, match="mask_features_position"):
         model_config("tiny", hidden_dim=30, num_heads=2, mask_features_position=True)
+
+
+def test_defaults_are_k_nets_reference_grouping_and_update():
+    """New configs (every preset) build K-Net's reference decoder: binary-mask grouping, a
+    feature transform per stage, no ReLU on the gated branches, initial kernels of std 1."""
+    for preset in ("tiny", "small", "base"):
+        cfg = model_config(preset)
+        assert (cfg.knet_hard_masks, cfg.knet_feature_transform, cfg.knet_gate_relu,
+                cfg.knet_init_std) == (True, True, False, 1.0)
+    stage, _ = stage_with()
+    kernels, masks, features = planted_inputs()
+    conv = stage.feature_transform
+    transformed = F.conv2d(features, conv.weight, conv.bias)
+    pooled = captured_pooled(stage, kernels, masks, features)
+    assert torch.allclose(pooled, torch.einsum("bnhw,bdhw->bnd", (masks > 0).float(),
+                                               transformed), atol=1e-5)
+    assert stage.updator.gate_relu is False

@@ -57,13 +57,15 @@ class ModelConfig:
         knet_cls_fcs / knet_mask_fcs: Linear-LayerNorm-ReLU blocks before the class head and
             before the mask-kernel projection.
         knet_hard_masks: group pixel features by the detached binary masks (probability > 0.5,
-            K-Net's ``hard_mask_thr``) instead of the soft sigmoid masks.
-        knet_init_std: std of the normal initial kernels (K-Net's reference: 1.0); None:
-            D^-0.5.
-        knet_gate_relu: ReLU on both normalised branches of the gated update (False: the
-            reference's ``activate_out=False``).
+            K-Net's ``hard_mask_thr``; default) instead of the soft sigmoid masks (False).
+        knet_init_std: std of the normal initial kernels (default 1.0, K-Net's reference);
+            None: D^-0.5.
+        knet_gate_relu: ReLU on both normalised branches of the gated update (default False:
+            the reference's ``activate_out=False``).
         knet_feature_transform: a 1x1 convolution of the mask features per update stage
-            (K-Net's ``feat_transform``), used for grouping and for that stage's masks.
+            (K-Net's ``feat_transform``; default), used for grouping and for that stage's masks.
+        The four defaults are K-Net's reference; until issue 16 they were False, None, True,
+        False (what :data:`STORED_BEFORE` gives a stored config that lacks them).
 
     Mask2Former fields:
         m2f_mask_mlp_layers: depth of the MLP mapping a query to its mask embedding.
@@ -91,10 +93,12 @@ class ModelConfig:
     semantic_head: bool = False
     knet_cls_fcs: int = 1
     knet_mask_fcs: int = 1
-    knet_hard_masks: bool = False
-    knet_init_std: float | None = None
-    knet_gate_relu: bool = True
-    knet_feature_transform: bool = False
+    # K-Net's reference grouping and update (issue 16; measured in the study's phase 10);
+    # configs stored without these fields keep the old ones (STORED_BEFORE)
+    knet_hard_masks: bool = True
+    knet_init_std: float | None = 1.0
+    knet_gate_relu: bool = False
+    knet_feature_transform: bool = True
     m2f_mask_mlp_layers: int = 3
     tiny_channels: tuple[int, int, int, int] = field(default=(16, 32, 64, 128))
 
