@@ -13,8 +13,8 @@ Both are called as ``criterion(outputs, targets, *, kernel_to_prompt=None, step=
 They return ``dict[str, Tensor]``: every term already multiplied by its weight (final layer
 ``"loss_<term>"``, aux layer i ``"loss_<term>_aux<i>"``) and ``"loss"``, their sum.
 Mask terms compare matched predictions and targets at K random points per mask (``num_points``;
-uniform, or importance-sampled in ``SetCriterion``) or, with ``num_points=None``, on the prediction grid (targets resampled
-bilinearly). Mask and objectness terms are normalised by the number of target masks in the batch
+uniform, or importance-sampled in ``SetCriterion``) or, with ``num_points=None``, on the
+prediction grid (targets resampled bilinearly). Mask and objectness terms are normalised by the number of target masks in the batch
 (under ``torch.distributed``: the mean count over ranks, as DETR does, so that the gradient
 averaged by DistributedDataParallel equals that of the whole global batch).
 """
