@@ -15,6 +15,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork, FrozenBatchNorm2d
 
+from .pixel_encoder import PixelEncoder
 from .position_encoding import sine_position_map
 
 # ImageNet statistics for RGB images in [0, 1]; images are normalised as (x - mean) / std.
@@ -151,16 +152,28 @@ class PixelDecoder(nn.Module):
             map (``position_encoding.sine_position_map``) is added to P5 before it is fused,
             as K-Net's semantic FPN adds one to its coarsest input.
         ``levels``: [P5, P4, P3, P2], each [B, D, H/stride, W/stride], coarse to fine.
+
+    With ``encoder_layers`` > 0 the ``encoder_levels`` coarsest backbone maps first pass through
+    a :class:`~uplvp_model.pixel_encoder.PixelEncoder` (joint self-attention) and enter the FPN
+    at width D.
     """
 
     def __init__(self, in_channels: tuple[int, ...], hidden_dim: int, mask_stride: int,
-                 position: bool = False) -> None:
+                 position: bool = False, encoder_layers: int = 0, encoder_levels: int = 3,
+                 num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.0) -> None:
         super().__init__()
         self.position = position
         if mask_stride not in LEVEL_STRIDES[:2]:
             raise ValueError(f"mask_stride must be 4 or 8, got {mask_stride}")
         self.mask_level = LEVEL_STRIDES.index(mask_stride)
-        self.fpn = FeaturePyramidNetwork(list(in_channels), hidden_dim)
+        channels = list(in_channels)
+        self.encoder = None
+        self.encoder_levels = encoder_levels
+        if encoder_layers > 0:
+            self.encoder = PixelEncoder(tuple(channels[-encoder_levels:]), hidden_dim,
+                                        encoder_layers, num_heads, ffn_dim, dropout)
+            channels[-encoder_levels:] = [hidden_dim] * encoder_levels
+        self.fpn = FeaturePyramidNetwork(channels, hidden_dim)
         self.mask_head = nn.Sequential(
             Conv2dNormActivation(
                 hidden_dim, hidden_dim, 3,
@@ -171,6 +184,9 @@ class PixelDecoder(nn.Module):
 
     def forward(self, feats: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """``feats`` = [c2, c3, c4, c5] -> (mask_features, [P5, P4, P3, P2])."""
+        if self.encoder is not None:
+            k = self.encoder_levels
+            feats = list(feats[:-k]) + self.encoder(list(feats[-k:]))
         named = OrderedDict((f"c{i + 2}", f) for i, f in enumerate(feats))
         pyramid = list(self.fpn(named).values())
         target = pyramid[self.mask_level]

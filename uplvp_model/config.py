@@ -49,6 +49,10 @@ class ModelConfig:
         mask_features_position: add a sine position map to P5 where it is fused into
             ``mask_features`` (K-Net's semantic FPN does), so that dot-product masks can tell
             apart alike objects at different places.
+        pixel_encoder_layers: transformer encoder blocks (self-attention + FFN, ``num_heads``,
+            ``ffn_dim``) over the ``pixel_encoder_levels`` coarsest backbone levels jointly,
+            before the FPN (:mod:`uplvp_model.pixel_encoder`; Mask2Former runs 6 deformable
+            ones over 3 levels); 0: none.
         semantic_head: a 1x1 convolution on ``mask_features`` predicting per-class logits
             ``pred_semantic`` [B, C, H/s, W/s] (K-Net's ``conv_seg``), trained by the criteria's
             dense semantic focal loss (its ``loss_rpn_seg``); not used at inference.
@@ -91,6 +95,8 @@ class ModelConfig:
     num_feature_levels: int = 3
     mask_features_position: bool = False
     semantic_head: bool = False
+    pixel_encoder_layers: int = 0
+    pixel_encoder_levels: int = 3
     knet_cls_fcs: int = 1
     knet_mask_fcs: int = 1
     # K-Net's reference grouping and update (issue 16; measured in the study's phase 10);
@@ -124,6 +130,13 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if (not isinstance(self.pixel_encoder_layers, int) or isinstance(self.pixel_encoder_layers, bool)
+                or self.pixel_encoder_layers < 0):
+            raise ValueError(f"ModelConfig.pixel_encoder_layers must be an integer >= 0, got "
+                             f"{self.pixel_encoder_layers!r}")
+        if self.pixel_encoder_levels not in (1, 2, 3):
+            raise ValueError(f"ModelConfig.pixel_encoder_levels must be 1, 2 or 3, got "
+                             f"{self.pixel_encoder_levels!r}")
         for name in ("knet_cls_fcs", "knet_mask_fcs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -177,6 +190,8 @@ STORED_BEFORE: dict[str, Any] = {
     "knet_feature_transform": False,
     "mask_features_position": False,
     "semantic_head": False,
+    "pixel_encoder_layers": 0,
+    "pixel_encoder_levels": 3,
 }
 
 

@@ -36,8 +36,11 @@ class QEISModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = build_backbone(cfg.backbone, cfg.tiny_channels)
-        self.pixel_decoder = PixelDecoder(self.backbone.out_channels, cfg.hidden_dim,
-                                          cfg.mask_stride, position=cfg.mask_features_position)
+        self.pixel_decoder = PixelDecoder(
+            self.backbone.out_channels, cfg.hidden_dim, cfg.mask_stride,
+            position=cfg.mask_features_position, encoder_layers=cfg.pixel_encoder_layers,
+            encoder_levels=cfg.pixel_encoder_levels, num_heads=cfg.num_heads,
+            ffn_dim=cfg.ffn_dim, dropout=cfg.dropout)
         self.decoder = build_decoder(cfg)
         self.semantic_head = (build_semantic_head(cfg.hidden_dim, cfg.num_classes)
                               if cfg.semantic_head else None)
