@@ -494,7 +494,7 @@ def plot_curves(out: Path, records: list[dict]) -> list[Path]:
     ours = {regime for decoder, regime in keys if decoder not in PEER_DECODERS}
     keys = [(d, g) for d, g in keys if d not in PEER_DECODERS or g not in ours]
     for decoder, regime in keys:
-        figure = Figure(figsize=(7, 4.5))
+        figure = Figure(figsize=(8.5, 4.5))
         FigureCanvasAgg(figure)
         ax = figure.add_subplot()
         lines = [(decoder, arm, arm) for arm in ARMS]
@@ -523,10 +523,11 @@ def plot_curves(out: Path, records: list[dict]) -> list[Path]:
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("mask AP (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        # outside the axes: inside, it covered the Mask R-CNN curve (steps 150-350, knet 5 %)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         path = out / "plots" / f"ap_{decoder}_{format_percent(regime)}pct.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
+        figure.savefig(path, dpi=100, bbox_inches="tight")
         paths.append(path)
     return paths
 
