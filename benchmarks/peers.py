@@ -40,7 +40,9 @@ synthetic benchmark per size is generated with ``pipeline.synth`` at ``--data-se
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import platform
 import resource
 import shutil
 import subprocess
@@ -255,10 +257,33 @@ def settings_line(args: argparse.Namespace) -> str:
             f"; data: {data}")
 
 
+def machine_name(device: str) -> str:
+    """The processor a cell ran on (CPU model, or GPU name on CUDA) and the torch version: the
+    same cell on another CPU gives other numbers (float order), so a table says where it ran."""
+    from stages.training_setup import resolve_device
+
+    if resolve_device(device).startswith("cuda"):
+        chip = torch.cuda.get_device_name()
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = ([line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                   if line.startswith("model name")] if cpuinfo.is_file() else [])
+        chip = models[0] if models else (platform.processor() or platform.machine())
+    return f"{chip}, torch {torch.__version__}"
+
+
+def machines_line(rows: list[dict]) -> str:
+    """Where the table's cells ran, with how many cells each (a resumed table can mix machines;
+    cells from before the field existed count as "not recorded")."""
+    counts = collections.Counter(r.get("machine", "not recorded") for r in rows)
+    return "# ran on: " + "; ".join(f"{name} ({n} cell{'s' if n > 1 else ''})"
+                                    for name, n in counts.most_common())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.cell is not None:
-        result = run_cell(args.cell)
+        result = {**run_cell(args.cell), "machine": machine_name(args.cell["device"])}
         Path(args.cell["run_dir"], "result.json").write_text(json.dumps(result, indent=1))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
@@ -294,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     print(f"peers: {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
                 rows.append(json.loads(result_file.read_text()))
-    text = settings_line(args) + "\n" + table(rows)
+    text = settings_line(args) + "\n" + machines_line(rows) + "\n" + table(rows)
     print(text)
     (args.out / "peers.txt").write_text(text + "\n")
     return 0
