@@ -33,7 +33,9 @@ Each (size, steps, model) cell runs in its own process (``--threads`` torch thre
 ``OUT/cells/<cell>/result.json``; a rerun skips finished cells, so the benchmark resumes. The
 table (mask AP, AP50, AP75, s/step over the training loop, peak memory: resident set of the
 cell's process on CPU, ``torch.cuda.max_memory_allocated`` on CUDA), under a line naming the
-settings its cells share, is printed and written to ``OUT/peers.txt``. Without ``--train``, a
+settings its cells share and one naming the machines they ran on (CPU model or GPU, torch
+version: the same cell on another CPU gives other numbers), is printed and written to
+``OUT/peers.txt``. Without ``--train``, a
 synthetic benchmark per size is generated with ``pipeline.synth`` at ``--data-seed`` (80 train /
 40 val images) under ``--data-dir``.
 """
