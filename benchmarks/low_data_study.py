@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict
@@ -116,10 +116,17 @@ class StudyConfig(BaseModel):
     clip_checkpoint: str | None = None
     clip_options: dict[str, Any] = {}
     text_weight: float = 1.0
+    # which predictions assign targets to each decoder stage in pre-training and fine-tuning
+    # (FinetuneConfig.stage_assignment; "auto": knet "previous", mask2former "own"); folders
+    # recorded without it were trained with "own" (RECORDED_BEFORE)
+    stage_assignment: Literal["auto", "own", "previous"] = "auto"
 
 
 # fields that choose which cells run; every other field defines the benchmark itself
 SELECTION_FIELDS = ("regimes", "seeds", "arms", "decoders")
+# benchmark fields added later whose absence from a recorded study.yaml means another value
+# than today's default: such a folder is compared as if it recorded this value
+RECORDED_BEFORE = {"stage_assignment": "own"}
 
 
 def run_study(cfg: StudyConfig, out: Path, poll_seconds: float = 10.0) -> None:
@@ -210,7 +217,7 @@ def record_config(cfg: StudyConfig, out: Path) -> None:
     path = out / "study.yaml"
     current = cfg.model_dump(mode="json")
     if path.is_file():
-        recorded = yaml.safe_load(path.read_text()) or {}
+        recorded = {**RECORDED_BEFORE, **(yaml.safe_load(path.read_text()) or {})}
         differ = sorted(k for k in current if k not in SELECTION_FIELDS
                         and k in recorded and recorded[k] != current[k])
         if differ:
@@ -299,7 +306,8 @@ def pretrain(cfg: StudyConfig, shards: Path, decoder: str, arm: str, run_dir: Pa
     run_pretrain(
         PretrainConfig(
             shards=shards, out=run_dir, model=ModelSection(**cfg.model, decoder=decoder),
-            prompt=prompt, loss=LossSection(num_points=None, **loss),
+            prompt=prompt, loss=LossSection(num_points=None, stage_assignment=cfg.stage_assignment,
+                                            **loss),
             masks={"min_score": cfg.min_score}, data=data_section(cfg, 0),
             train=TrainConfig(max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                               warmup_steps=min(100, cfg.pretrain_steps // 10),
@@ -353,7 +361,7 @@ def run_our_cell(cfg: StudyConfig, data: dict[str, Path], decoder: str, train_ma
             val_data=data["data"] / "val.yaml", init=init, out=run_dir,
             model=ModelSection(**cfg.model, decoder=decoder),
             data=data_section(cfg, seed, max_batch=subset_size),
-            num_points=None, train=train_cfg, resume=True,
+            num_points=None, stage_assignment=cfg.stage_assignment, train=train_cfg, resume=True,
         ),
         progress=False,
     )

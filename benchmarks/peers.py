@@ -79,7 +79,7 @@ OURS = ("knet", "mask2former")
 GENERATED_TRAIN, GENERATED_VAL = 80, 40  # images of a generated benchmark
 # FinetuneConfig fields that --loss may set
 LOSS_OPTIONS = ("ce_weight", "bce_weight", "dice_weight", "no_object_weight", "num_points",
-                "importance_sample_ratio", "oversample_ratio")
+                "importance_sample_ratio", "oversample_ratio", "stage_assignment")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,6 +17,11 @@ uniform points, seed 0). For those matched kernels it prints:
   object's class and "no object"; ``rank``: the median rank of the matched kernels among all
   kernels of their image by the best class probability (0 = top; scores decide AP).
 
+It also matches every stage on its own predictions (the same matcher) and prints per stage the
+share of objects held by the same kernel as at the end (``same kernel``), and that stage's own
+matched kernels' median IoU and mean class probability (``own IoU``, ``own p(class)``): what each
+stage could reach with a free choice of kernel.
+
 Numbers are of one model on one val set; they explain an AP, they are not one.
 """
 from __future__ import annotations
@@ -75,13 +80,43 @@ def stage_identity(outputs: dict, targets: list[dict], indices: list[tuple[Tenso
     return result
 
 
+def own_matching(outputs: dict, targets: list[dict], stage_indices: list[list[tuple[Tensor, Tensor]]],
+                 final: list[tuple[Tensor, Tensor]]) -> dict:
+    """Per stage, with ``stage_indices[s]`` that stage's own matching (``aux_outputs`` then the
+    final output) and ``final`` the final stage's: ``{"same": [stage -> list of 0/1 per object
+    matched at the end: held by the same kernel at that stage], "own_iou": [stage -> IoU of each
+    own-matched kernel's hard mask with its object], "own_p_class": [stage -> its softmax
+    probability of the object's class]}``."""
+    layers = list(outputs.get("aux_outputs", [])) + [outputs]
+    result: dict = {"same": [[] for _ in layers], "own_iou": [[] for _ in layers],
+                    "own_p_class": [[] for _ in layers]}
+    for s, (layer, indices) in enumerate(zip(layers, stage_indices)):
+        prob = layer["pred_logits"].float().softmax(-1)
+        for i, (src, tgt) in enumerate(indices):
+            kernel_of = {int(t): int(k) for k, t in zip(src, tgt)}
+            result["same"][s] += [float(kernel_of.get(int(t)) == int(k)) for k, t in zip(*final[i])]
+            if len(src):
+                iou, _ = hard_mask_iou(layer["pred_masks"][i, src].float(), targets[i]["masks"][tgt])
+                result["own_iou"][s] += iou.tolist()
+                result["own_p_class"][s] += prob[i, src, targets[i]["labels"][tgt]].tolist()
+    return result
+
+
 def report(name: str, facts: dict) -> str:
     """The printed block of one model."""
-    lines = [f"## {name}", "| stage | IoU median | IoU mean | area ratio median |", "|---|---|---|---|"]
+    own = "same" in facts
+    head = "| stage | IoU median | IoU mean | area ratio median |"
+    lines = [f"## {name}", head + (" same kernel | own IoU median | own p(class) |" if own else ""),
+             "|---|---|---|---|" + ("---|---|---|" if own else "")]
     for s, (iou, area) in enumerate(zip(facts["iou"], facts["area"])):
         if iou:
-            lines.append(f"| {s} | {statistics.median(iou):.3f} | {sum(iou) / len(iou):.3f} | "
-                         f"{statistics.median(area):.2f} |")
+            row = (f"| {s} | {statistics.median(iou):.3f} | {sum(iou) / len(iou):.3f} | "
+                   f"{statistics.median(area):.2f} |")
+            if own:
+                same, own_iou, own_p = facts["same"][s], facts["own_iou"][s], facts["own_p_class"][s]
+                row += (f" {sum(same) / len(same):.2f} | {statistics.median(own_iou):.3f} | "
+                        f"{sum(own_p) / len(own_p):.3f} |")
+            lines.append(row)
     n = len(facts["p_class"])
     if n:
         lines.append(f"matched kernels: {n}; p(class) {sum(facts['p_class']) / n:.3f}, p(no object) "
@@ -127,8 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                 outputs = loaded.model(batch["images"])
                 indices = matcher(outputs["pred_logits"], outputs["pred_masks"],
                                   batch["targets"], generator=generator)
-                for key, values in stage_identity(outputs, batch["targets"], indices).items():
-                    if key in ("iou", "area"):
+                layers = list(outputs.get("aux_outputs", [])) + [outputs]
+                stage_indices = [matcher(layer["pred_logits"], layer["pred_masks"], batch["targets"],
+                                         generator=generator) for layer in layers[:-1]] + [indices]
+                found = {**stage_identity(outputs, batch["targets"], indices),
+                         **own_matching(outputs, batch["targets"], stage_indices, indices)}
+                for key, values in found.items():
+                    if key in ("iou", "area", "same", "own_iou", "own_p_class"):
                         facts.setdefault(key, [[] for _ in values])
                         for s, v in enumerate(values):
                             facts[key][s] += v

@@ -8,6 +8,7 @@ pre-trained weights loaded except the class head) -> SetCriterion -> trainer -> 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from rich.console import Console
 
@@ -23,7 +24,7 @@ from stages.train_checkpoint import latest_checkpoint, load_training_checkpoint
 from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
 from stages.training_setup import DataSection, ModelSection, build_stage_model
 from uplvp_model.checkpoint import load_model_state, save_model_state
-from uplvp_model.criterion import SetCriterion
+from uplvp_model.criterion import SetCriterion, resolve_stage_assignment
 from uplvp_model.model import QEISModel
 
 console = Console(stderr=True)
@@ -49,6 +50,9 @@ class FinetuneConfig(StageConfig):
     dice_weight: float = 5.0
     importance_sample_ratio: float = 0.0  # share of the points at the least certain places
     oversample_ratio: float = 3.0  # candidates per point for importance sampling
+    # which predictions assign targets to a decoder stage's kernels: "own", "previous" (stage
+    # s from s - 1, K-Net's) or "auto" (knet: previous, mask2former: own)
+    stage_assignment: Literal["auto", "own", "previous"] = "auto"
     device: str = "auto"
     resume: bool = False
 
@@ -81,6 +85,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
         no_object_weight=cfg.no_object_weight, num_points=cfg.num_points,
         importance_sample_ratio=cfg.importance_sample_ratio, oversample_ratio=cfg.oversample_ratio,
+        stage_assignment=resolve_stage_assignment(cfg.stage_assignment, model_cfg.decoder),
     ).to(device)
     loader = finetune_loader(
         train_set, cfg.data.batch_size, seed=cfg.data.seed, augment_config=cfg.data.augment(),
@@ -113,7 +118,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
 
     console.print(
         f"finetune: {len(loader.source)} training images, {len(category_ids)} categories, "
-        f"init {cfg.init}, model {cfg.model.preset}/{cfg.model.decoder}, device {device}"
+        f"init {cfg.init}, model {cfg.model.preset}/{cfg.model.decoder}, stage assignment "
+        f"{criterion.stage_assignment}, device {device}"
     )
     train_cfg = cfg.train.model_copy(update={"progress": cfg.train.progress and progress})
     try:

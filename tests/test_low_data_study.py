@@ -90,6 +90,19 @@ def test_a_folder_of_another_benchmark_is_refused_but_selections_merge(study, tm
         study.record_config(toy_config(study, finetune_steps=3), out)
 
 
+def test_a_folder_recorded_before_stage_assignment_was_trained_with_own(study, tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    study.record_config(toy_config(study), out)
+    recorded = yaml.safe_load((out / "study.yaml").read_text())
+    assert recorded["stage_assignment"] == "auto"
+    del recorded["stage_assignment"]  # as written before the field existed
+    (out / "study.yaml").write_text(yaml.safe_dump(recorded))
+    with pytest.raises(study.InputError, match=r"other settings \(stage_assignment\)"):
+        study.record_config(toy_config(study), out)
+    study.record_config(toy_config(study, stage_assignment="own"), out)  # resumes as made
+
+
 def test_a_cell_whose_pretraining_runs_elsewhere_is_deferred(study, tmp_path):
     cfg = toy_config(study, regimes=[100], arms=["full"])
     out = tmp_path / "study"

@@ -56,3 +56,17 @@ def test_an_image_without_matches_adds_nothing():
     empty = torch.zeros(0, dtype=torch.long)
     facts = stage_identity.stage_identity(outputs, targets, [(empty, empty)])
     assert facts["iou"] == [[], []] and facts["rank"] == []
+
+
+def test_own_matching_counts_objects_held_by_the_final_kernel():
+    outputs, targets = _planted()
+    # stage 0 matched on its own picks kernel 1 (the left half there), the end kernel 0
+    stage_indices = [[(torch.tensor([1]), torch.tensor([0]))], [(torch.tensor([0]), torch.tensor([0]))]]
+    facts = stage_identity.own_matching(outputs, targets, stage_indices, stage_indices[-1])
+    assert facts["same"] == [[0.0], [1.0]]
+    assert facts["own_iou"] == [[1.0], [1.0]]
+    uniform = 1 / 3  # kernel 1's logits are all 0
+    assert facts["own_p_class"][0] == pytest.approx([uniform])
+    text = stage_identity.report("planted", {**stage_identity.stage_identity(
+        outputs, targets, stage_indices[-1]), **facts})
+    assert "| 0 | 0.000 | 0.000 | 1.00 | 0.00 | 1.000 | 0.333 |" in text

@@ -59,6 +59,37 @@ def decoder_layers(outputs: dict) -> list[tuple[str, dict]]:
     return layers
 
 
+STAGE_ASSIGNMENTS = ("auto", "own", "previous")
+
+
+def resolve_stage_assignment(assignment: str, decoder: str) -> str:
+    """``"auto"`` -> what the decoder's reference does: ``"previous"`` for ``"knet"`` (K-Net's
+    ``KernelIterHead`` assigns stage s from the detached predictions of stage s - 1), ``"own"``
+    for ``"mask2former"`` (every layer from its own predictions, as DETR); other values pass."""
+    if assignment not in STAGE_ASSIGNMENTS:
+        raise ValueError(f"stage assignment must be one of {STAGE_ASSIGNMENTS}, got {assignment!r}")
+    if assignment != "auto":
+        return assignment
+    return "previous" if decoder == "knet" else "own"
+
+
+def assignment_layers(outputs: dict, assignment: str) -> list[tuple[str, dict, dict]]:
+    """(name suffix, layer outputs, outputs its targets are assigned from) per decoder layer, in
+    :func:`decoder_layers` order.
+
+    ``"previous"``: the layer of stage s > 0 from those of stage s - 1 (stage 0, the first aux
+    layer, from its own), so the kernel whose mask covered an object at s - 1, and so grouped
+    its pixels, is the one trained to predict that object at s. Otherwise (``"own"``) every
+    layer is assigned from its own predictions.
+    """
+    layers = decoder_layers(outputs)
+    if assignment != "previous":
+        return [(suffix, layer, layer) for suffix, layer in layers]
+    stages = [layer for _, layer in layers[1:]] + [outputs]  # stage order: aux0, aux1, ..., final
+    source = {id(layer): stages[max(s - 1, 0)] for s, layer in enumerate(stages)}
+    return [(suffix, layer, source[id(layer)]) for suffix, layer in layers]
+
+
 def semantic_loss(outputs: dict, targets: list[dict]) -> Tensor | None:
     """K-Net's dense semantic loss of ``outputs["pred_semantic"]`` [B, C, h, w] (a model with
     ``semantic_head``) against the targets' per-pixel labels at that size
@@ -188,10 +219,12 @@ class PretrainCriterion(nn.Module):
         focal_gamma: float = 2.0,
         detach_prompt_targets: bool = True,
         semantic_weight: float = 1.0,
+        stage_assignment: str = "own",
         matcher: HungarianMatcher | None = None,
     ) -> None:
         super().__init__()
         self.semantic_weight = semantic_weight
+        self.stage_assignment = _checked_assignment(stage_assignment, "PretrainCriterion")
         if text_weight > 0 and (kernel_dim is None or text_dim is None):
             raise ValueError("PretrainCriterion: text_weight > 0 needs kernel_dim and text_dim")
         self.weights = {
@@ -238,9 +271,9 @@ class PretrainCriterion(nn.Module):
         identity = self.identity_weight(step) if kernel_to_prompt is not None else 0.0
         num_masks = num_masks_normaliser(targets, outputs["pred_logits"].device)
         losses: dict[str, Tensor] = {}
-        for suffix, layer in decoder_layers(outputs):
+        for suffix, layer, source in assignment_layers(outputs, self.stage_assignment):
             indices = self.matcher(
-                layer["pred_logits"], layer["pred_masks"], targets,
+                source["pred_logits"], source["pred_masks"], targets,
                 kernel_to_prompt=kernel_to_prompt, identity_weight=identity, generator=generator,
             )
             for name, value in self._layer_losses(layer, targets, indices, num_masks, generator).items():
@@ -322,9 +355,11 @@ class SetCriterion(nn.Module):
         semantic_weight: float = 1.0,
         importance_sample_ratio: float = 0.0,
         oversample_ratio: float = 3.0,
+        stage_assignment: str = "own",
         matcher: HungarianMatcher | None = None,
     ) -> None:
         super().__init__()
+        self.stage_assignment = _checked_assignment(stage_assignment, "SetCriterion")
         if not 0.0 <= importance_sample_ratio <= 1.0:
             raise ValueError(f"SetCriterion: importance_sample_ratio must be in [0, 1], got "
                              f"{importance_sample_ratio}")
@@ -358,8 +393,9 @@ class SetCriterion(nn.Module):
         check_targets(targets, outputs["pred_logits"].shape[0], ("labels", "masks"))
         num_masks = num_masks_normaliser(targets, outputs["pred_logits"].device)
         losses: dict[str, Tensor] = {}
-        for suffix, layer in decoder_layers(outputs):
-            indices = self.matcher(layer["pred_logits"], layer["pred_masks"], targets, generator=generator)
+        for suffix, layer, source in assignment_layers(outputs, self.stage_assignment):
+            indices = self.matcher(source["pred_logits"], source["pred_masks"], targets,
+                                   generator=generator)
             logits = layer["pred_logits"]
             num_classes = logits.shape[-1] - 1
             target_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.long, device=logits.device)
@@ -383,3 +419,10 @@ class SetCriterion(nn.Module):
             losses["loss_semantic"] = self.semantic_weight * semantic
         losses["loss"] = torch.stack(list(losses.values())).sum()
         return losses
+
+
+def _checked_assignment(assignment: str, owner: str) -> str:
+    if assignment not in ("own", "previous"):
+        raise ValueError(f"{owner}: stage_assignment must be 'own' or 'previous' (resolve 'auto' "
+                         f"with resolve_stage_assignment), got {assignment!r}")
+    return assignment
