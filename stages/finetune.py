@@ -24,7 +24,7 @@ from stages.train_checkpoint import latest_checkpoint, load_training_checkpoint
 from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
 from stages.training_setup import DataSection, ModelSection, build_stage_model
 from uplvp_model.checkpoint import load_model_state, save_model_state
-from uplvp_model.criterion import SetCriterion, resolve_stage_assignment
+from uplvp_model.criterion import REFERENCE_MASK_WEIGHTS, SetCriterion, resolve_stage_assignment
 from uplvp_model.model import QEISModel
 
 console = Console(stderr=True)
@@ -45,9 +45,9 @@ class FinetuneConfig(StageConfig):
                                      checkpoint_every=200)
     no_object_weight: float = 0.1
     num_points: int | None = 12544  # point-sampled mask losses; None: full masks (small images)
-    ce_weight: float = 2.0  # loss weights (and matching cost weights), Mask2Former's
-    bce_weight: float = 5.0
-    dice_weight: float = 5.0
+    ce_weight: float = 2.0  # loss weights (and matching cost weights)
+    bce_weight: float | None = None  # None: the decoder's reference, knet 1, mask2former 5
+    dice_weight: float | None = None  # None: knet 4, mask2former 5
     importance_sample_ratio: float = 0.0  # share of the points at the least certain places
     oversample_ratio: float = 3.0  # candidates per point for importance sampling
     # which predictions assign targets to a decoder stage's kernels: "own", "previous" (stage
@@ -57,6 +57,14 @@ class FinetuneConfig(StageConfig):
     resume: bool = False
 
     HASH_EXCLUDE = frozenset({"out", "device", "resume"})
+
+
+def mask_weights(cfg: FinetuneConfig, decoder: str) -> dict[str, float]:
+    """``bce_weight`` / ``dice_weight`` of ``cfg``, each None replaced by the decoder's
+    reference (:data:`~uplvp_model.criterion.REFERENCE_MASK_WEIGHTS`)."""
+    reference = REFERENCE_MASK_WEIGHTS[decoder]
+    return {"bce_weight": reference["bce"] if cfg.bce_weight is None else cfg.bce_weight,
+            "dice_weight": reference["dice"] if cfg.dice_weight is None else cfg.dice_weight}
 
 
 def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
@@ -82,7 +90,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
                                   allow_partial=cfg.model.allow_partial_init)
     model.to(device)
     criterion = SetCriterion(
-        ce_weight=cfg.ce_weight, bce_weight=cfg.bce_weight, dice_weight=cfg.dice_weight,
+        ce_weight=cfg.ce_weight, **mask_weights(cfg, model_cfg.decoder),
         no_object_weight=cfg.no_object_weight, num_points=cfg.num_points,
         importance_sample_ratio=cfg.importance_sample_ratio, oversample_ratio=cfg.oversample_ratio,
         stage_assignment=resolve_stage_assignment(cfg.stage_assignment, model_cfg.decoder),
@@ -118,8 +126,9 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
 
     console.print(
         f"finetune: {len(loader.source)} training images, {len(category_ids)} categories, "
-        f"init {cfg.init}, model {cfg.model.preset}/{cfg.model.decoder}, stage assignment "
-        f"{criterion.stage_assignment}, device {device}"
+        f"init {cfg.init}, model {cfg.model.preset}/{cfg.model.decoder}, loss weights ce "
+        f"{criterion.weights['ce']:g} bce {criterion.weights['bce']:g} dice "
+        f"{criterion.weights['dice']:g}, stage assignment {criterion.stage_assignment}, device {device}"
     )
     train_cfg = cfg.train.model_copy(update={"progress": cfg.train.progress and progress})
     try:

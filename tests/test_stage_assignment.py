@@ -94,3 +94,13 @@ def test_auto_follows_each_decoders_reference():
         SetCriterion(stage_assignment="auto")
     with pytest.raises(ValueError, match="stage_assignment"):
         PretrainCriterion(stage_assignment="next")
+
+
+def test_finetune_mask_weights_default_to_each_decoders_reference(tmp_path):
+    from stages.finetune import mask_weights
+
+    cfg = FinetuneConfig(train_data=tmp_path / "t.yaml", out=tmp_path / "out")
+    assert mask_weights(cfg, "knet") == {"bce_weight": 1.0, "dice_weight": 4.0}
+    assert mask_weights(cfg, "mask2former") == {"bce_weight": 5.0, "dice_weight": 5.0}
+    set_one = cfg.model_copy(update={"bce_weight": 2.5})
+    assert mask_weights(set_one, "knet") == {"bce_weight": 2.5, "dice_weight": 4.0}

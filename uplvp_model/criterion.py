@@ -73,6 +73,12 @@ def resolve_stage_assignment(assignment: str, decoder: str) -> str:
     return "previous" if decoder == "knet" else "own"
 
 
+# fine-tuning mask-loss (and matching cost) weights of each decoder's reference: K-Net's
+# KernelUpdateHead (BCE 1, dice 4), Mask2Former's criterion (BCE 5, dice 5); both weigh the
+# class term 2
+REFERENCE_MASK_WEIGHTS = {"knet": {"bce": 1.0, "dice": 4.0}, "mask2former": {"bce": 5.0, "dice": 5.0}}
+
+
 def assignment_layers(outputs: dict, assignment: str) -> list[tuple[str, dict, dict]]:
     """(name suffix, layer outputs, outputs its targets are assigned from) per decoder layer, in
     :func:`decoder_layers` order.
