@@ -117,9 +117,9 @@ class StudyConfig(BaseModel):
     clip_options: dict[str, Any] = {}
     text_weight: float = 1.0
     # which predictions assign targets to each decoder stage in pre-training and fine-tuning
-    # (FinetuneConfig.stage_assignment; "auto": knet "previous", mask2former "own"); folders
-    # recorded without it were trained with "own" (RECORDED_BEFORE)
-    stage_assignment: Literal["auto", "own", "previous"] = "auto"
+    # (FinetuneConfig.stage_assignment); folders recorded without it were trained with "own"
+    # (RECORDED_BEFORE)
+    stage_assignment: Literal["own", "previous"] = "previous"
 
 
 # fields that choose which cells run; every other field defines the benchmark itself

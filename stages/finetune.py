@@ -24,7 +24,7 @@ from stages.train_checkpoint import latest_checkpoint, load_training_checkpoint
 from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
 from stages.training_setup import DataSection, ModelSection, build_stage_model
 from uplvp_model.checkpoint import load_model_state, save_model_state
-from uplvp_model.criterion import REFERENCE_MASK_WEIGHTS, SetCriterion, resolve_stage_assignment
+from uplvp_model.criterion import REFERENCE_MASK_WEIGHTS, SetCriterion
 from uplvp_model.model import QEISModel
 
 console = Console(stderr=True)
@@ -50,9 +50,9 @@ class FinetuneConfig(StageConfig):
     dice_weight: float | None = None  # None: knet 4, mask2former 5
     importance_sample_ratio: float = 0.0  # share of the points at the least certain places
     oversample_ratio: float = 3.0  # candidates per point for importance sampling
-    # which predictions assign targets to a decoder stage's kernels: "own", "previous" (stage
-    # s from s - 1, K-Net's) or "auto" (knet: previous, mask2former: own)
-    stage_assignment: Literal["auto", "own", "previous"] = "auto"
+    # which predictions assign targets to a decoder stage's kernels: "previous" (stage s from
+    # stage s - 1, K-Net's) or "own" (each stage from its own, DETR's and Mask2Former's)
+    stage_assignment: Literal["own", "previous"] = "previous"
     device: str = "auto"
     resume: bool = False
 
@@ -93,7 +93,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         ce_weight=cfg.ce_weight, **mask_weights(cfg, model_cfg.decoder),
         no_object_weight=cfg.no_object_weight, num_points=cfg.num_points,
         importance_sample_ratio=cfg.importance_sample_ratio, oversample_ratio=cfg.oversample_ratio,
-        stage_assignment=resolve_stage_assignment(cfg.stage_assignment, model_cfg.decoder),
+        stage_assignment=cfg.stage_assignment,
     ).to(device)
     loader = finetune_loader(
         train_set, cfg.data.batch_size, seed=cfg.data.seed, augment_config=cfg.data.augment(),

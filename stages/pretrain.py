@@ -20,7 +20,7 @@ from pipeline.text_embeddings import check_shard_labels, read_text_embeddings
 from stages.config import StageConfig
 from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
 from stages.training_setup import DataSection, ModelSection, build_stage_model
-from uplvp_model.criterion import PretrainCriterion, resolve_stage_assignment
+from uplvp_model.criterion import PretrainCriterion
 from uplvp_model.pretraining import PromptedModel, pretraining_targets
 from uplvp_model.prompts import PromptEncoder
 
@@ -55,8 +55,8 @@ class LossSection(BaseModel):
     identity_warmup_steps: int | None = None  # None: a third of max_steps
     num_points: int | None = 12544  # point-sampled mask losses; None: full masks
     # which predictions assign pseudo masks to a decoder stage's kernels (before the identity
-    # blend): "own", "previous" (stage s from s - 1, K-Net's) or "auto" (knet: previous)
-    stage_assignment: Literal["auto", "own", "previous"] = "auto"
+    # blend): "previous" (stage s from stage s - 1, K-Net's) or "own" (each stage from its own)
+    stage_assignment: Literal["own", "previous"] = "previous"
 
 
 class MaskFilterSection(BaseModel):
@@ -119,7 +119,7 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         kernel_dim=model_cfg.hidden_dim if text is not None else None,
         text_dim=text.embeddings.shape[1] if text is not None else None,
         text_temperature=cfg.loss.text_temperature,
-        stage_assignment=resolve_stage_assignment(cfg.loss.stage_assignment, model_cfg.decoder),
+        stage_assignment=cfg.loss.stage_assignment,
     ).to(device)
     # the text projection lives in the trained module: optimised, DDP-synced, checkpointed
     prompted = PromptedModel(

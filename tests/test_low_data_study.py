@@ -95,7 +95,7 @@ def test_a_folder_recorded_before_stage_assignment_was_trained_with_own(study, t
     out.mkdir()
     study.record_config(toy_config(study), out)
     recorded = yaml.safe_load((out / "study.yaml").read_text())
-    assert recorded["stage_assignment"] == "auto"
+    assert recorded["stage_assignment"] == "previous"
     del recorded["stage_assignment"]  # as written before the field existed
     (out / "study.yaml").write_text(yaml.safe_dump(recorded))
     with pytest.raises(study.InputError, match=r"other settings \(stage_assignment\)"):

@@ -1,5 +1,6 @@
 """Which predictions assign targets to each decoder stage: "own" (DETR, Mask2Former) or
-"previous" (K-Net's KernelIterHead: stage s from the predictions of stage s - 1)."""
+"previous" (K-Net's KernelIterHead: stage s from the predictions of stage s - 1); and the
+fine-tuning mask-loss weights of each decoder's reference."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +13,6 @@ from uplvp_model.criterion import (
     PretrainCriterion,
     SetCriterion,
     assignment_layers,
-    resolve_stage_assignment,
 )
 
 S = 8  # mask side
@@ -82,14 +82,10 @@ def test_assignment_layers_pairs_every_layer_with_its_source():
     assert [suffix for suffix, _, _ in own] == ["", "_aux0", "_aux1"]
 
 
-def test_auto_follows_each_decoders_reference():
-    assert resolve_stage_assignment("auto", "knet") == "previous"
-    assert resolve_stage_assignment("auto", "mask2former") == "own"
-    assert resolve_stage_assignment("own", "knet") == "own"
-    assert FinetuneConfig.model_fields["stage_assignment"].default == "auto"
-    assert LossSection().stage_assignment == "auto"
-    with pytest.raises(ValueError, match="stage assignment"):
-        resolve_stage_assignment("last", "knet")
+def test_stages_default_to_previous_and_bad_values_are_refused():
+    assert FinetuneConfig.model_fields["stage_assignment"].default == "previous"
+    assert LossSection().stage_assignment == "previous"
+    assert SetCriterion().stage_assignment == "own"  # the criteria keep DETR's behaviour
     with pytest.raises(ValueError, match="stage_assignment"):
         SetCriterion(stage_assignment="auto")
     with pytest.raises(ValueError, match="stage_assignment"):

@@ -59,18 +59,7 @@ def decoder_layers(outputs: dict) -> list[tuple[str, dict]]:
     return layers
 
 
-STAGE_ASSIGNMENTS = ("auto", "own", "previous")
-
-
-def resolve_stage_assignment(assignment: str, decoder: str) -> str:
-    """``"auto"`` -> what the decoder's reference does: ``"previous"`` for ``"knet"`` (K-Net's
-    ``KernelIterHead`` assigns stage s from the detached predictions of stage s - 1), ``"own"``
-    for ``"mask2former"`` (every layer from its own predictions, as DETR); other values pass."""
-    if assignment not in STAGE_ASSIGNMENTS:
-        raise ValueError(f"stage assignment must be one of {STAGE_ASSIGNMENTS}, got {assignment!r}")
-    if assignment != "auto":
-        return assignment
-    return "previous" if decoder == "knet" else "own"
+STAGE_ASSIGNMENTS = ("own", "previous")
 
 
 # fine-tuning mask-loss (and matching cost) weights of each decoder's reference: K-Net's
@@ -428,7 +417,7 @@ class SetCriterion(nn.Module):
 
 
 def _checked_assignment(assignment: str, owner: str) -> str:
-    if assignment not in ("own", "previous"):
-        raise ValueError(f"{owner}: stage_assignment must be 'own' or 'previous' (resolve 'auto' "
-                         f"with resolve_stage_assignment), got {assignment!r}")
+    if assignment not in STAGE_ASSIGNMENTS:
+        raise ValueError(f"{owner}: stage_assignment must be one of {STAGE_ASSIGNMENTS}, got "
+                         f"{assignment!r}")
     return assignment
