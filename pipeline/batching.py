@@ -141,6 +141,9 @@ class BatchLoader:
             the batch's ``unreadable`` (``[{"image_id", "file_name", "error"}]``); a batch
             whose every image failed has ``image_ids == []`` and no ``images``. Off: the
             error stops the loop (training).
+        collate_fn: ``samples -> batch`` for sources whose ``load`` returns something other
+            than a :class:`~pipeline.transforms.Sample` (e.g. ``pipeline.ssl_views``' view
+            pairs); None: :func:`collate`. Must be picklable (a module-level function).
     """
 
     def __init__(
@@ -157,6 +160,7 @@ class BatchLoader:
         rank: int | None = None,
         world_size: int | None = None,
         skip_unreadable: bool = False,
+        collate_fn: Callable[[Sequence], dict] | None = None,
     ) -> None:
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
@@ -187,6 +191,9 @@ class BatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.skip_unreadable = skip_unreadable
+        if collate_fn is not None and skip_unreadable:
+            raise ValueError("skip_unreadable works with the default collate only")
+        self.collate_fn = collate_fn
         self._plan = _EpochPlan(source, batch_size, rank, world_size, seed, shuffle, drop_last)
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()  # epoch, start
         self._workers: DataLoader | None = None  # the persistent DataLoader, once started
@@ -212,7 +219,8 @@ class BatchLoader:
         if not units:
             return iter(())
         if self.num_workers == 0 or (len(units) == 1 and self._workers is None):
-            build = _BatchBuilder(self.source, self.seed, epoch, self.skip_unreadable)
+            build = _BatchBuilder(self.source, self.seed, epoch, self.skip_unreadable,
+                                  collate_fn=self.collate_fn)
             return (build(unit) for unit in units)
         self._position[0], self._position[1] = epoch, start_batch  # read by the workers
         if self.persistent_workers:
@@ -225,7 +233,7 @@ class BatchLoader:
 
     def _dataloader(self, workers: int) -> DataLoader:
         return DataLoader(
-            _WorkerStream(self._plan, self._position, self.skip_unreadable),
+            _WorkerStream(self._plan, self._position, self.skip_unreadable, self.collate_fn),
             batch_size=None,
             num_workers=workers,
             persistent_workers=self.persistent_workers,
@@ -267,11 +275,16 @@ class _BatchBuilder:
     """Picklable ``indices -> batch`` of one epoch (used in this process or in a worker)."""
 
     def __init__(self, source: SampleSource, seed: int, epoch: int,
-                 skip_unreadable: bool = False, compact_masks: bool = False) -> None:
+                 skip_unreadable: bool = False, compact_masks: bool = False,
+                 collate_fn: Callable[[Sequence], dict] | None = None) -> None:
         self.source, self.seed, self.epoch = source, seed, epoch
         self.skip_unreadable, self.compact_masks = skip_unreadable, compact_masks
+        self.collate_fn = collate_fn
 
     def __call__(self, indices: Sequence[int]) -> dict:
+        if self.collate_fn is not None:
+            return self.collate_fn(
+                [self.source.load(i, sample_rng(self.seed, self.epoch, i)) for i in indices])
         if not self.skip_unreadable:
             return collate(
                 [self.source.load(i, sample_rng(self.seed, self.epoch, i)) for i in indices],
@@ -293,9 +306,11 @@ class _WorkerStream(IterableDataset):
     shared-memory tensor the main process sets before each pass) names; worker k of K builds
     units ``k, k + K, ...``."""
 
-    def __init__(self, plan: _EpochPlan, position: torch.Tensor, skip_unreadable: bool) -> None:
+    def __init__(self, plan: _EpochPlan, position: torch.Tensor, skip_unreadable: bool,
+                 collate_fn: Callable[[Sequence], dict] | None = None) -> None:
         super().__init__()
         self.plan, self.position, self.skip_unreadable = plan, position, skip_unreadable
+        self.collate_fn = collate_fn
 
     def __iter__(self) -> Iterator[tuple[int, dict | InputError]]:
         info = get_worker_info()
@@ -303,7 +318,7 @@ class _WorkerStream(IterableDataset):
         epoch, start_batch = (int(v) for v in self.position.tolist())
         units = self.plan.units(epoch, start_batch)
         build = _BatchBuilder(self.plan.source, self.plan.seed, epoch, self.skip_unreadable,
-                              compact_masks=True)
+                              compact_masks=True, collate_fn=self.collate_fn)
         for u in range(worker, len(units), workers):
             try:
                 yield u, build(units[u])

@@ -162,6 +162,45 @@ def training_overrides(*, out, preset, decoder, max_steps, batch_size, lr, num_w
     }
 
 
+@stage_app.command("backbone")
+@user_errors
+def stage_backbone(
+    images: Optional[Path] = typer.Option(None, "--images", help="Manifest of the unlabeled images."),
+    out: Optional[Path] = RunOutOpt,
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Whose backbone: tiny | small (default, ResNet-18) | base (ResNet-50)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="mocov2 (default) | densecl."),
+    init: Optional[str] = typer.Option(
+        None, "--init", help="Backbone weights to start from (e.g. ImageNet); default random."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="View side in px (default 224)."),
+    queue_size: Optional[int] = typer.Option(
+        None, "--queue-size", help="Negatives queue (default 4096; under half the images)."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 20000)."),
+    batch_size: Optional[int] = BatchSizeOpt,
+    lr: Optional[float] = typer.Option(None, "--lr", help="SGD learning rate (default 0.03)."),
+    num_workers: Optional[int] = NumWorkersOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    resume: Optional[bool] = ResumeOpt,
+    on_nan: Optional[str] = OnNanOpt,
+    checkpoint_every: Optional[int] = CheckpointEveryOpt,
+    config: Optional[Path] = ConfigOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Self-supervised backbone pre-training (MoCo v2 / DenseCL) on unlabeled images; writes
+    OUT/backbone.pt for --backbone-checkpoint."""
+    from stages.backbone import BackboneConfig, run_backbone
+
+    cfg = load_config(BackboneConfig, config, {
+        "images": images, "out": out, "preset": preset, "objective.name": objective,
+        "init": init, "data.image_size": image_size, "objective.queue_size": queue_size,
+        "train.max_steps": max_steps, "data.batch_size": batch_size, "train.lr": lr,
+        "data.num_workers": num_workers, "data.seed": seed, "device": device, "resume": resume,
+        "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every,
+    })
+    run_backbone(cfg, progress=not no_progress)
+
+
 @stage_app.command("pretrain")
 @user_errors
 def stage_pretrain(

@@ -1,6 +1,7 @@
-"""The training loop shared by ``pretrain`` and ``finetune``: AdamW, warmup + cosine/step LR,
-gradient accumulation and clipping, AMP on CUDA, non-finite loss guard, periodic evaluation,
-checkpoints with exact resume, and DistributedDataParallel under torchrun.
+"""The training loop shared by ``pretrain``, ``finetune`` and ``backbone``: AdamW (or SGD with
+momentum), warmup + cosine/step LR, gradient accumulation and clipping, AMP on CUDA, non-finite
+loss guard, periodic evaluation, checkpoints with exact resume, and DistributedDataParallel
+under torchrun.
 
     result = train(model, loss_fn, make_batches, TrainConfig(max_steps=1000), "runs/pretrain",
                    resume=True, evaluate=None, extra_state={"model_config": cfg.to_dict()})
@@ -84,8 +85,11 @@ class TrainConfig(BaseModel):
     batches_per_epoch: int | None = Field(
         None, gt=0, description="cut each epoch after this many batches; None: an epoch ends "
         "when make_batches' iterator ends")
-    lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (all parameters)")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw, or sgd with momentum (the self-supervised backbone stage)")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.05, ge=0, description="weight decay (all parameters)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd's momentum (adamw: unused)")
     backbone_lr_multiplier: float = Field(
         1.0, gt=0, description="learning rate of the parameters under a 'backbone' module, "
         "relative to lr (Mask2Former trains its ImageNet backbone at 0.1)")
@@ -116,6 +120,12 @@ class TrainConfig(BaseModel):
         True, description="rich progress bar on rank 0 where stderr is a terminal; elsewhere, "
         "or when False, one plain line per metrics line")
     tensorboard: bool = Field(True, description="write TensorBoard events on rank 0")
+
+    @classmethod
+    def model_fields_defaults(cls) -> dict[str, Any]:
+        """The fields that have a default, with it (JSON values)."""
+        return {name: field.default for name, field in cls.model_fields.items()
+                if not field.is_required() and field.default_factory is None}
 
     @model_validator(mode="after")
     def _check_lr_steps(self) -> TrainConfig:
@@ -369,8 +379,12 @@ class _Run:
         if not self.params:
             raise ValueError("train: the model has no trainable parameters")
         self.device = self.params[0].device
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr,
+                                             momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr,
+                                               weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.amp_dtype = None
         if cfg.amp != "off" and self.device.type == "cuda":
@@ -427,8 +441,10 @@ class _Run:
             notes.append(f"checkpoint has RNG states of {len(states)} rank(s), this run has "
                          f"{self.info.world_size}: every rank takes rank 0's")
         set_rng_state(states[self.info.rank] if len(states) == self.info.world_size else states[0])
+        # a field the stored config lacks was added later: such runs had its default
+        stored = {**TrainConfig.model_fields_defaults(), **payload["config"]}
         changed = sorted(k for k, v in self.cfg.model_dump(mode="json").items()
-                         if k not in _RESUME_FREE_FIELDS and payload["config"].get(k) != v)
+                         if k not in _RESUME_FREE_FIELDS and stored.get(k) != v)
         if changed:
             notes.append(f"resumed with changed settings {', '.join(changed)}: the run will not "
                          "match an uninterrupted one")

@@ -24,6 +24,9 @@ from torch import Tensor, nn
 
 CHECKPOINT_FORMAT_VERSION = 1
 RESERVED_KEYS = ("format_version", "model")
+# the backbone stage's export in its run folder (docs/backbone.md); a folder given as a backbone
+# checkpoint means this file in it
+BACKBONE_FILE = "backbone.pt"
 
 # Prefixes tried in order; the first one that some key starts with selects the backbone keys.
 BACKBONE_PREFIXES = (
@@ -148,11 +151,16 @@ def save_model_state(path: str | Path, model: nn.Module, extra: dict[str, Any]) 
     and plain Python values (else ``ValueError`` before anything is written), so that
     ``torch.load(path, weights_only=True)`` reads the file back.
     """
+    save_state(path, model.state_dict(), extra)
+
+
+def save_state(path: str | Path, state: Mapping[str, Tensor], extra: dict[str, Any]) -> None:
+    """:func:`save_model_state` of a ready state dict ``state``."""
     clash = sorted(set(extra) & set(RESERVED_KEYS))
     if clash:
         raise ValueError(f"checkpoint extra uses reserved key(s): {', '.join(clash)}")
     _check_plain(extra, "extra")
-    payload = {"format_version": CHECKPOINT_FORMAT_VERSION, "model": model.state_dict(), **extra}
+    payload = {"format_version": CHECKPOINT_FORMAT_VERSION, "model": dict(state), **extra}
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
@@ -217,19 +225,16 @@ def map_backbone_keys(state_dict: Mapping[str, Any]) -> tuple[dict[str, Tensor],
     return mapped, sorted(ignored)
 
 
-def load_backbone_checkpoint(body: nn.Module, path: str | Path,
-                             allow_partial: bool = False) -> LoadReport:
-    """Load backbone weights from a local file into ``body`` (the backbone's weight module).
-
-    The file is read with ``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` or
-    ``{"model": ...}`` wrapper is unwrapped; keys are mapped with :func:`map_backbone_keys`.
-    Every tensor of ``body`` must come from the file with its shape (extra tensors in the
-    file, e.g. a deeper level than ``body`` has, are reported as unexpected and left out):
-    otherwise ``ValueError`` naming the file and what did not fit (another depth or width),
-    unless ``allow_partial``, which loads what fits and reports the rest. ``ValueError`` also
-    when the file cannot be read or not a single tensor matched.
-    """
+def resolve_backbone_path(path: str | Path) -> Path:
+    """``path``, or ``path/backbone.pt`` when ``path`` is a folder (a backbone stage's run)."""
     path = Path(path)
+    return path / BACKBONE_FILE if path.is_dir() else path
+
+
+def read_backbone_file(path: str | Path) -> tuple[Path, dict]:
+    """(resolved path, ``torch.load(weights_only=True)`` payload) of a backbone checkpoint;
+    ``ValueError`` naming the file when it is missing, unreadable or not a dict."""
+    path = resolve_backbone_path(path)
     if not path.is_file():
         raise ValueError(f"{path}: backbone checkpoint not found")
     try:
@@ -239,6 +244,30 @@ def load_backbone_checkpoint(body: nn.Module, path: str | Path,
                          ) from None
     if not isinstance(payload, dict):
         raise ValueError(f"{path}: backbone checkpoint is a {type(payload).__name__}, not a dict")
+    return path, payload
+
+
+def backbone_checkpoint_name(path: str | Path) -> str | None:
+    """The backbone architecture a checkpoint names (``"backbone"`` of a backbone stage's
+    ``backbone.pt``: ``tiny`` | ``resnet18`` | ``resnet50``), None for foreign files."""
+    _, payload = read_backbone_file(path)
+    name = payload.get("backbone")
+    return name if isinstance(name, str) else None
+
+
+def load_backbone_checkpoint(body: nn.Module, path: str | Path,
+                             allow_partial: bool = False) -> LoadReport:
+    """Load backbone weights from a local file into ``body`` (the backbone's weight module).
+
+    ``path``: a file, or a backbone stage's run folder (its ``backbone.pt``). The file is read with ``torch.load(weights_only=True)``; a ``{"state_dict": ...}`` or
+    ``{"model": ...}`` wrapper is unwrapped; keys are mapped with :func:`map_backbone_keys`.
+    Every tensor of ``body`` must come from the file with its shape (extra tensors in the
+    file, e.g. a deeper level than ``body`` has, are reported as unexpected and left out):
+    otherwise ``ValueError`` naming the file and what did not fit (another depth or width),
+    unless ``allow_partial``, which loads what fits and reports the rest. ``ValueError`` also
+    when the file cannot be read or not a single tensor matched.
+    """
+    path, payload = read_backbone_file(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(payload.get(wrapper), dict):
             payload = payload[wrapper]
