@@ -67,23 +67,26 @@ def stage_propose(
     images: Optional[Path] = typer.Option(None, "--images", help="Manifest of the unlabeled images."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (masks/, images/, stage.json)."),
     proposer: Optional[str] = typer.Option(
-        None, "--proposer", help="classical (default, weight-free) | clip | freemask."
+        None, "--proposer", help="classical (default, weight-free) | clip | freemask | maskcut."
     ),
     clip_model: Optional[str] = typer.Option(None, help="open_clip model name (default ViT-B-16)."),
     clip_checkpoint: Optional[str] = typer.Option(
         None, help="Local CLIP weights: a file, 'local-dir:FOLDER', or a cached open_clip tag."
     ),
     backbone_checkpoint: Optional[str] = typer.Option(
-        None, help="Local ResNet-50 weights for the freemask proposer."
+        None, help="Backbone weights for freemask / maskcut: a file or a `stage backbone` run."
     ),
     random_weights: Optional[bool] = typer.Option(
         None, "--random-weights",
-        help="Run clip / freemask without a checkpoint, on random weights (meaningless masks: "
+        help="Run clip / freemask / maskcut without a checkpoint, on random weights (meaningless masks: "
              "speed and test runs only; refused otherwise)."),
     vocabulary: Optional[Path] = typer.Option(
         None, help="Class names, one per line (default: the 80 COCO names)."
     ),
-    top_k: Optional[int] = typer.Option(None, help="Masks kept per image (default 20)."),
+    top_k: Optional[int] = typer.Option(
+        None, help="At most this many masks per image, best score first (default 20; 0: no cap)."),
+    min_score: Optional[float] = typer.Option(
+        None, help="Drop masks scoring under this (default: the proposer's; freemask 0.5)."),
     min_area: Optional[int] = typer.Option(None, help="Smallest mask kept, px (default 32)."),
     shard_size: Optional[int] = typer.Option(None, help="Images per shard (default 64)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per model call (default 8)."),
@@ -111,7 +114,8 @@ def stage_propose(
         dict(
             images=images, out=out, proposer=proposer, clip_model=clip_model,
             clip_checkpoint=clip_checkpoint, backbone_checkpoint=backbone_checkpoint,
-            random_weights=random_weights, vocabulary=vocabulary, top_k=top_k, min_area=min_area, shard_size=shard_size,
+            random_weights=random_weights, vocabulary=vocabulary, min_score=min_score,
+            top_k=top_k, min_area=min_area, shard_size=shard_size,
             batch_size=batch_size, max_side=max_side, device=device, num_workers=num_workers,
             ray_address=ray_address, shards=shards, shard_index=shard_index,
             num_shards=num_shards, overwrite=overwrite,

@@ -35,19 +35,21 @@ from stages.training_setup import resolve_device
 console = Console(stderr=True)
 
 EXIT_SHARDS_FAILED = 1
+BACKBONE_PROPOSERS = ("freemask", "maskcut")  # read --backbone-checkpoint
 TEXT_CACHE_FILE = TEXT_EMBEDDINGS_FILE  # the text loss of `pretrain` reads it (docs/shards.md)
 
 
 class ProposeConfig(StageConfig):
     images: Path  # dataset manifest of the (unlabeled) images
     out: Path
-    proposer: Literal["classical", "clip", "freemask"] = "classical"
+    proposer: Literal["classical", "clip", "freemask", "maskcut"] = "classical"
     clip_model: str = "ViT-B-16"
     clip_checkpoint: str | None = None
     backbone_checkpoint: str | None = None
     random_weights: bool = False  # allow clip / freemask without a checkpoint (tests, speed)
     vocabulary: Path | None = None
-    top_k: int = 20
+    top_k: int | None = 20  # at most this many masks per image (best first); None or 0: no cap
+    min_score: float | None = None  # masks scoring under this are dropped; None: the proposer's
     min_area: int = 32
     options: dict[str, Any] = {}  # further proposer keyword options (see docs/proposers.md)
     shard_size: int = 64
@@ -71,7 +73,9 @@ class ProposeConfig(StageConfig):
 
 def proposer_options(cfg: ProposeConfig) -> dict[str, Any]:
     """Keyword options for ``build_proposer(cfg.proposer, ...)``."""
-    options: dict[str, Any] = {"top_k": cfg.top_k, "min_area": cfg.min_area}
+    options: dict[str, Any] = {"top_k": cfg.top_k or None, "min_area": cfg.min_area}
+    if cfg.min_score is not None:
+        options["min_score"] = cfg.min_score
     if cfg.proposer == "clip":
         options.update(model_name=cfg.clip_model, checkpoint=cfg.clip_checkpoint,
                        random_weights=cfg.random_weights)
@@ -81,7 +85,7 @@ def proposer_options(cfg: ProposeConfig) -> dict[str, Any]:
         options["text_cache_file"] = str(Path(cfg.out) / TEXT_CACHE_FILE)
         if cfg.vocabulary is not None:
             options["vocabulary"] = read_vocabulary(cfg.vocabulary)
-    elif cfg.proposer == "freemask":
+    elif cfg.proposer in BACKBONE_PROPOSERS:
         options.update(checkpoint=cfg.backbone_checkpoint, random_weights=cfg.random_weights,
                        device=resolve_device(cfg.device))
     options.update(cfg.options)
@@ -107,10 +111,11 @@ def read_vocabulary(path: Path) -> list[str]:
 def check_weights_given(cfg: ProposeConfig) -> None:
     """A model-based proposer without weights is refused (one line) unless ``random_weights``:
     random weights give meaningless masks that every later stage would accept."""
+    backbone = ("--backbone-checkpoint FILE", cfg.backbone_checkpoint,
+                "local backbone weights; `uplvp stage backbone` trains them without labels")
     missing = {"clip": ("--clip-checkpoint FILE", cfg.clip_checkpoint,
                         "open_clip weights for --clip-model; benchmarks/train_clip.py trains one"),
-               "freemask": ("--backbone-checkpoint FILE", cfg.backbone_checkpoint,
-                            "local ResNet weights")}.get(cfg.proposer)
+               "freemask": backbone, "maskcut": backbone}.get(cfg.proposer)
     if missing is None or missing[1] is not None or cfg.random_weights:
         return
     option, _, what = missing
@@ -126,11 +131,24 @@ def proposal_weights(cfg: ProposeConfig) -> dict[str, str]:
     if cfg.proposer == "classical":
         return {"kind": "none", "source": "classical (weight-free)"}
     checkpoint = cfg.clip_checkpoint if cfg.proposer == "clip" else cfg.backbone_checkpoint
-    model = cfg.clip_model if cfg.proposer == "clip" else str(cfg.options.get("backbone",
-                                                                              "resnet50"))
+    model = cfg.clip_model if cfg.proposer == "clip" else backbone_name(cfg)
     if checkpoint is None:
         return {"kind": "random", "source": f"{cfg.proposer} {model}: random init"}
     return {"kind": "checkpoint", "source": f"{cfg.proposer} {model}: {checkpoint}"}
+
+
+def backbone_name(cfg: ProposeConfig) -> str:
+    """The backbone a freemask / maskcut run reads: its ``backbone`` option, else the one its
+    checkpoint names, else ResNet-50 (``uplvp_model.proposal.features``)."""
+    from uplvp_model.proposal.features import DEFAULT_BACKBONE, checkpoint_architecture
+
+    if cfg.options.get("backbone"):
+        return str(cfg.options["backbone"])
+    try:
+        named, _ = checkpoint_architecture(cfg.backbone_checkpoint)
+    except ValueError as err:  # the proposer's loader reports it; here only the name matters
+        raise InputError(str(err)) from None
+    return named or DEFAULT_BACKBONE
 
 
 def select_shards(cfg: ProposeConfig, num_shards: int) -> list[int]:

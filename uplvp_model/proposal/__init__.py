@@ -1,4 +1,5 @@
-"""Pseudo-mask proposers for the ``propose`` stage (``clip``, ``freemask``, ``classical``)."""
+"""Pseudo-mask proposers for the ``propose`` stage (``clip``, ``freemask``, ``maskcut``,
+``classical``)."""
 from .base import PROPOSER_NAMES, ProposedMask, Proposer, build_proposer
 
 __all__ = ["PROPOSER_NAMES", "ProposedMask", "Proposer", "build_proposer"]

@@ -1,4 +1,5 @@
-"""The proposer interface shared by the ``clip``, ``freemask`` and ``classical`` proposers."""
+"""The proposer interface shared by the ``clip``, ``freemask``, ``maskcut`` and ``classical``
+proposers."""
 from __future__ import annotations
 
 import inspect
@@ -111,11 +112,13 @@ def _constructors() -> dict[str, Callable[..., Proposer]]:
     from .classical import ClassicalProposer
     from .clip_dense import ClipProposer
     from .freemask import FreeMaskProposer
+    from .maskcut import MaskCutProposer
 
-    return {"classical": ClassicalProposer, "clip": ClipProposer, "freemask": FreeMaskProposer}
+    return {"classical": ClassicalProposer, "clip": ClipProposer, "freemask": FreeMaskProposer,
+            "maskcut": MaskCutProposer}
 
 
-PROPOSER_NAMES = ("classical", "clip", "freemask")
+PROPOSER_NAMES = ("classical", "clip", "freemask", "maskcut")
 
 
 def build_proposer(name: str, **options: Any) -> Proposer:

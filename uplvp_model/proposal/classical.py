@@ -69,7 +69,8 @@ class ClassicalSettings:
     max_area_fraction: float = 0.5
     max_border_fraction: float = 0.15
     nms_iou: float = 0.5
-    top_k: int = 20
+    top_k: int | None = 20  # at most this many masks (best score first); None: no cap
+    min_score: float = 0.0  # masks scoring under this are dropped
 
 
 @dataclass
@@ -386,7 +387,8 @@ class ClassicalProposer:
         except TypeError as err:
             raise ValueError(f"classical proposer: {err}") from None
         s = self.settings
-        if s.min_area < 1 or not 0 < s.max_area_fraction <= 1 or s.k_max < 2 or s.top_k < 1:
+        if s.min_area < 1 or not 0 < s.max_area_fraction <= 1 or s.k_max < 2 or (
+                s.top_k is not None and s.top_k < 1):
             raise ValueError(f"classical proposer: invalid settings {s}")
         self.vocabulary = ["object"]
 
@@ -420,7 +422,9 @@ class ClassicalProposer:
         work_h, work_w = pixels.lab.shape[:2]
         masks = np.stack([r.full(work_h, work_w) for r, _ in candidates])
         results = []
-        for index in mask_nms(masks, scores, s.nms_iou, max_keep=s.top_k):
+        passing = np.flatnonzero(scores >= s.min_score)  # threshold, then NMS and the cap
+        for index in passing[mask_nms(masks[passing], scores[passing], s.nms_iou,
+                                      max_keep=s.top_k)]:
             mask = masks[index]
             if scale < 1.0:
                 full = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)

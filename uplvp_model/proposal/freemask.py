@@ -1,79 +1,45 @@
-"""The ``freemask`` proposer: FreeSOLO-style free masks over a ResNet's features.
+"""The ``freemask`` proposer: FreeSOLO-style free masks over a backbone's features.
 
-Per image (the UPLVP reference generator, re-implemented): features ``[C, h, w]`` of one ResNet
-stage, L2-normalised per location. Queries = the feature map resized (bilinear) by each of
-``query_scales`` (1, 0.5, 0.25), every location one query. Each query's cosine similarity with
-every location, min-max normalised per query, is a soft mask; ``soft > threshold`` (0.5) its
-binary mask; maskness = mean soft value inside the binary mask. Masks with maskness below
-``min_maskness`` (0.7), a box at least ``max_width_fraction`` (0.95) of the image wide, or a box
-centre in the top ``top_band`` (20%) of the image are dropped; the rest go through Gaussian
-Matrix NMS (sigma 2) on maskness; the best ``top_k`` (20) soft masks are upsampled to the image
-and thresholded again; masks under ``min_area`` (32) pixels or with a decayed score under
-``min_score`` (0.5) are dropped. (The reference applies the maskness and geometry filters after
-NMS; here they come first so rejected masks neither suppress kept ones nor take top-K slots.)
+Per image (the UPLVP reference generator, re-implemented): features ``[C, h, w]`` of one
+backbone level (``uplvp_model.proposal.features``: any of our backbones, the architecture read
+from the checkpoint), L2-normalised per location. Queries = the feature map resized (bilinear)
+by each of ``query_scales`` (1, 0.5, 0.25), every location one query. Each query's cosine
+similarity with every location, min-max normalised per query, is a soft mask; ``soft >
+threshold`` (0.5) its binary mask; maskness = mean soft value inside the binary mask. Masks
+with maskness below ``min_maskness`` (0.7), a box at least ``max_width_fraction`` (0.95) of the
+image wide, or a box centre in the top ``top_band`` (20%) of the image are dropped; the rest go
+through Gaussian Matrix NMS (sigma 2) on maskness. How many masks an image gets follows the
+score: those whose decayed score reaches ``min_score`` (0.5) are kept, at most ``top_k`` (20;
+None: no cap) of them, upsampled to the image and thresholded again; masks under ``min_area``
+(32) pixels are dropped. (The reference applies the maskness and geometry filters after NMS;
+here they come first so rejected masks neither suppress kept ones nor take top-K slots.)
 
 Label: the vocabulary is the single entry ``"object"``. Embedding: the normalised backbone
-features averaged over the mask, L2-normalised (dimension = the stage's channels; not CLIP).
+features averaged over the mask, L2-normalised (dimension = the level's channels; not CLIP).
 """
 from __future__ import annotations
 
-import logging
 import math
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
-from ..checkpoint import load_backbone_checkpoint
 from .base import Letterbox, ProposedMask, letterbox_batch, mask_to_canvas
+from .features import load_feature_backbone
 from .ingredients import mask_pooled_embedding
 from .masks import matrix_nms
 
-logger = logging.getLogger(__name__)
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BACKBONES = ("resnet18", "resnet50")
-FEATURE_LEVELS = ("layer1", "layer2", "layer3", "layer4")
-STRIDES = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
-CHANNELS = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}  # x4 for resnet50
-EXPANSION = {"resnet18": 1, "resnet50": 4}
-RANDOM_INIT_SEED = 0
 
-def load_backbone(
-    backbone: str, checkpoint: str | None, feature_level: str, device: str | torch.device = "cpu"
-) -> torch.nn.Module:
-    """A torchvision ResNet (eval mode) truncated after ``feature_level``.
 
-    checkpoint: local ResNet weights as ``uplvp_model.checkpoint.load_backbone_checkpoint``
-    reads them (torchvision, MoCo ``module.encoder_q.``, ``backbone.`` keys; ``weights_only``);
-    every weight up to ``feature_level`` must be present with its shape. ``None`` gives seeded random weights and a
-    loud warning (meaningless masks, tests only).
-    """
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-    if feature_level not in FEATURE_LEVELS:
-        choices = ", ".join(FEATURE_LEVELS)
-        raise ValueError(f"unknown feature_level {feature_level!r}; choose one of {choices}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        net = getattr(torchvision.models, backbone)(weights=None)
-    levels = FEATURE_LEVELS[: FEATURE_LEVELS.index(feature_level) + 1]
-    stages = ["conv1", "bn1", "relu", "maxpool", *levels]
-    # Same child names as torchvision's ResNet, so state-dict keys match a ResNet checkpoint's.
-    body = torch.nn.Sequential(OrderedDict((name, getattr(net, name)) for name in stages))
-    if checkpoint is None:
-        logger.warning(
-            "freemask backbone %s has RANDOM weights (no checkpoint given): its masks are "
-            "meaningless. Use this only for tests; pass a checkpoint for real runs.",
-            backbone,
-        )
-    else:  # the one loader of local ResNet weights: every tensor up to feature_level must fit
-        load_backbone_checkpoint(body, checkpoint)
-    return body.to(device).eval()
+def load_backbone(backbone: str | None, checkpoint: str | None, feature_level: str,
+                  device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The backbone's weight module (eval mode) truncated after ``feature_level``
+    (:func:`uplvp_model.proposal.features.load_feature_backbone`'s ``body``)."""
+    return load_feature_backbone(backbone, checkpoint, feature_level, device).body
 
 
 def query_masks(
@@ -131,7 +97,7 @@ class FreeMaskProposer:
     def __init__(
         self,
         *,
-        backbone: str = "resnet50",
+        backbone: str | None = None,
         checkpoint: str | None = None,
         device: str = "cpu",
         feature_level: str = "layer3",
@@ -140,7 +106,7 @@ class FreeMaskProposer:
         threshold: float = 0.5,
         min_maskness: float = 0.7,
         nms_sigma: float = 2.0,
-        top_k: int = 20,
+        top_k: int | None = 20,
         max_width_fraction: float = 0.95,
         top_band: float = 0.2,
         min_area: int = 32,
@@ -152,13 +118,16 @@ class FreeMaskProposer:
                 "no backbone checkpoint given: random weights give meaningless masks; pass a "
                 "checkpoint, or random_weights=True for a speed or test run"
             )
-        self.backbone = load_backbone(backbone, checkpoint, feature_level, device)
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None (no cap), got {top_k}")
+        features = load_feature_backbone(backbone, checkpoint, feature_level, device)
+        self.backbone = features.body
         self.device = torch.device(device)
-        self.stride = STRIDES[feature_level]
-        self.embedding_dim = CHANNELS[feature_level] * EXPANSION[backbone]
+        self.stride = features.stride
+        self.embedding_dim = features.channels
         self.vocabulary = ["object"]
         self._settings = {
-            "backbone": backbone,
+            "backbone": features.name,
             "checkpoint": checkpoint,
             "pretrained": checkpoint is not None,
             "feature_level": feature_level,
@@ -202,7 +171,10 @@ class FreeMaskProposer:
         decayed = matrix_nms(
             binary[candidates].cpu().numpy(), maskness[candidates].cpu().numpy(), s["nms_sigma"]
         )
-        order = np.argsort(-decayed, kind="stable")[: s["top_k"]]
+        order = np.argsort(-decayed, kind="stable")
+        order = order[decayed[order] >= s["min_score"]][: s["top_k"]]  # threshold, then cap
+        if len(order) == 0:
+            return []
         chosen = candidates[torch.from_numpy(order).to(candidates.device)]
         canvas_hw = (valid_h * self.stride, valid_w * self.stride)
         upsampled = F.interpolate(soft[chosen][None], size=canvas_hw, mode="bilinear")
@@ -213,7 +185,7 @@ class FreeMaskProposer:
         dense = F.normalize(features.float(), dim=0).cpu().numpy()
         results = []
         for mask, score in zip(masks, decayed[order]):
-            if mask.sum() < s["min_area"] or score < s["min_score"]:
+            if mask.sum() < s["min_area"]:
                 continue
             weights = mask_to_canvas(mask, box, canvas_hw)
             results.append(
