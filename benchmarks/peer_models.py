@@ -78,16 +78,24 @@ def build_maskrcnn(num_classes: int, depth: str, size: int, backbone_checkpoint:
     backbone = resnet_fpn_backbone(backbone_name=depth, weights=None, norm_layer=norm,
                                    trainable_layers=5)
     if backbone_checkpoint:
-        state = torch.load(backbone_checkpoint, map_location="cpu", weights_only=True)
-        missing, _ = backbone.body.load_state_dict(state, strict=False)
-        if missing:
-            raise SystemExit(f"{backbone_checkpoint}: {len(missing)} backbone tensors missing "
-                             f"(first {missing[0]})")
+        load_peer_backbone(backbone.body, backbone_checkpoint)
 
     model = MaskRCNN(backbone, num_classes=num_classes + 1, box_score_thresh=0.0,
                      box_detections_per_img=100)
     model.transform = _no_resize_transform(size)
     return model
+
+
+def load_peer_backbone(body: nn.Module, checkpoint: str | Path) -> None:
+    """Our backbone loader (``uplvp_model.checkpoint.load_backbone_checkpoint``: a file or a
+    ``stage backbone`` run folder; every tensor must fit) into a peer's backbone body; what does
+    not fit ends the benchmark with one line."""
+    from uplvp_model.checkpoint import load_backbone_checkpoint
+
+    try:
+        load_backbone_checkpoint(body, checkpoint)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def _no_resize_transform(size: int):
@@ -170,9 +178,9 @@ def train_peer(name: str, train_set, category_ids: list[int], *, batch_size: int
         inner = build_hf_mask2former(len(category_ids), depth)
         loss = hf_mask2former_loss
     elif name == "maskrcnn":
-        inner = (build_maskrcnn_tiny(len(category_ids), size) if depth == "tiny" else
-                 build_maskrcnn(len(category_ids), depth, size,
-                                Path(backbone_checkpoint) if backbone_checkpoint else None))
+        checkpoint = Path(backbone_checkpoint) if backbone_checkpoint else None
+        inner = (build_maskrcnn_tiny(len(category_ids), size, backbone_checkpoint=checkpoint)
+                 if depth == "tiny" else build_maskrcnn(len(category_ids), depth, size, checkpoint))
         loss = maskrcnn_loss
     else:
         raise ValueError(f"unknown peer {name!r}; choose one of {PEERS}")
@@ -234,21 +242,30 @@ class _TinyBody(nn.Module):
 
 def build_maskrcnn_tiny(num_classes: int, size: int, width: int = 64,
                         channels: tuple[int, int, int, int] = (16, 32, 64, 128),
-                        box_batch_size_per_image: int = 128):
+                        box_batch_size_per_image: int = 128,
+                        backbone_checkpoint: Path | None = None):
     """torchvision Mask R-CNN at the study's model size: our tiny CNN backbone (the one the
     study's knet / mask2former use) under an FPN of ``width`` channels, box head of 4 x
     ``width`` and mask head of ``width`` channels (torchvision's layouts, narrowed as our
     decoders are narrowed to hidden 64), trained BatchNorm, no resize of its own. RPN settings
     are torchvision's; the box head samples ``box_batch_size_per_image`` proposals per image
     (torchvision: 512; 128, detectron2's ``BATCH_SIZE_PER_IMAGE`` of its fast schedules, is
-    plenty for a few objects per small image and makes a CPU step ~4x cheaper)."""
+    plenty for a few objects per small image and makes a CPU step ~4x cheaper). With
+    ``backbone_checkpoint`` the tiny CNN's weights come from it and its BatchNorm is frozen
+    (FrozenBatchNorm2d, as torchvision freezes a loaded ResNet's)."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
     classes = num_classes + 1
+    body = _TinyBody(channels, width)
+    if backbone_checkpoint:
+        from uplvp_model.backbone import freeze_batch_norm
+
+        load_peer_backbone(body.body.body, backbone_checkpoint)
+        freeze_batch_norm(body.body)
     model = MaskRCNN(
-        _TinyBody(channels, width), num_classes=None,
+        body, num_classes=None,
         box_head=TwoMLPHead(width * 7 * 7, 4 * width),
         box_predictor=FastRCNNPredictor(4 * width, classes),
         mask_head=MaskRCNNHeads(width, [width] * 4, 1),

@@ -1,4 +1,4 @@
-"""Pseudo-mask quality of the ``classical`` proposer against ground truth, on labeled data.
+"""Pseudo-mask quality of the proposers against ground truth, on labeled data.
 
 Runs the real stage (``stages.propose.run_propose``, in this process) on the labeled splits'
 manifests (the unlabeled pool has no labels to compare with), then matches every pseudo mask to
@@ -6,6 +6,8 @@ the ground-truth instances of its image by mask IoU (``pycocotools.mask.iou`` on
 
     .venv/bin/python benchmarks/propose_quality.py                   # demo data, val + train
     .venv/bin/python benchmarks/propose_quality.py --data demo_run/data --splits val
+    .venv/bin/python benchmarks/propose_quality.py --data ../shared/data/coco_small \
+        --proposers classical freemask maskcut --backbone-checkpoint runs/backbone_r18_densecl
 
 Without ``--data`` it writes the demo's synthetic data (``uplvp demo`` defaults: seed 0, 60
 train and 60 val images at base size 128) into a temporary folder; the unlabeled pool is not
@@ -15,9 +17,12 @@ written because the labeled splits' files do not depend on it (every image is se
 Definitions (a pseudo mask and a ground-truth instance *match* when their mask IoU >= ``--iou``):
   recall     share of ground-truth instances (``iscrowd`` 0) matched by some pseudo mask;
   precision  share of pseudo masks that match some ground-truth instance;
-  all        every pseudo mask in the shards (the proposer keeps at most ``top_k`` = 20);
+  all        every pseudo mask in the shards (at most ``--top-k`` per image, 20 by default);
   filtered   the masks pre-training uses: ``pipeline.shard_dataset.MaskFilter()`` (score >= 0.5,
-             area >= 32 px, best 20 per image).
+             area >= 32 px, best 20 per image);
+  AR@k       COCO's class-agnostic average recall (``COCOeval``, ``segm``, ``useCats=0``): the
+             recall of the best k masks per image by score, averaged over IoU 0.50:0.05:0.95 (as
+             FreeSOLO and CutLER report COCO AR); crowd regions are COCO's ignore regions.
 Size buckets use COCO's absolute area thresholds (small < 32^2, medium < 96^2, large >= 96^2
 pixels of the ground-truth ``area``), unscaled, so on ~128 px images "large" is rare.
 """
@@ -176,6 +181,61 @@ def masks_per_image(table: MatchTable, keep: np.ndarray) -> float:
     return float(keep.sum()) / table.num_images if table.num_images else float("nan")
 
 
+AR_MAX_DETS: tuple[int, ...] = (10, 20, 50)
+AREA_NAMES: tuple[str, ...] = ("all", "small", "medium", "large")
+
+
+def coco_average_recall(masks: pd.DataFrame, coco: dict,
+                        max_dets: Sequence[int] = AR_MAX_DETS) -> dict[str, float]:
+    """COCO class-agnostic mask average recall of the pseudo masks ``masks`` (rows of a
+    ``masks/`` shard folder: ``image_id``, ``height``, ``width``, ``rle_counts``, ``score``)
+    against ``coco``'s instances: ``{"AR@k": ..., "AR_small@k": ...}`` for each k of
+    ``max_dets`` and each COCO area range, in [0, 1] (NaN where a range has no instance).
+
+    ``COCOeval(iouType="segm")`` with ``useCats = 0`` (every mask may match every instance),
+    ``maxDets = max_dets``; AR@k is the mean over the 10 IoU thresholds of the recall of the
+    best k masks per image (by score)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ground_truth = COCO()
+    ground_truth.dataset = {"images": coco["images"], "categories": coco["categories"],
+                            "annotations": [dict(a) for a in coco["annotations"]]}
+    ground_truth.createIndex()
+    category = int(coco["categories"][0]["id"])
+    detections = [
+        {"image_id": int(r.image_id), "category_id": category, "score": float(r.score),
+         "segmentation": {"size": [int(r.height), int(r.width)], "counts": r.rle_counts}}
+        for r in masks.itertuples()
+    ]
+    out: dict[str, float] = {}
+    if not detections:
+        return {f"AR{'' if a == 'all' else '_' + a}@{k}": 0.0 for a in AREA_NAMES for k in max_dets}
+    predicted = ground_truth.loadRes(detections)
+    evaluator = COCOeval(ground_truth, predicted, iouType="segm")
+    evaluator.params.useCats = 0
+    evaluator.params.maxDets = sorted(max_dets)
+    evaluator.params.imgIds = sorted(img["id"] for img in coco["images"])
+    with _quiet():
+        evaluator.evaluate()
+        evaluator.accumulate()
+    recall = evaluator.eval["recall"]  # [T, K=1, A, M]; -1 where a range has no instance
+    for a, area in enumerate(evaluator.params.areaRngLbl):
+        for m, k in enumerate(evaluator.params.maxDets):
+            values = recall[:, 0, a, m]
+            name = f"AR{'' if area == 'all' else '_' + area}@{k}"
+            out[name] = float(values.mean()) if (values > -1).all() else float("nan")
+    return out
+
+
+def _quiet():
+    """pycocotools prints progress; keep the report readable."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Plain-text table: first column left-aligned, the others right-aligned."""
     widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
@@ -225,12 +285,43 @@ def propose_split(manifest: Path, out_dir: Path, run: ProposerRun
     return pd.read_parquet(out_dir / "masks"), dataset.coco, seconds
 
 
+@dataclass
+class SplitResult:
+    """One proposer on one split: the matched table, the masks, the COCO dict, the stage's
+    seconds and COCO's class-agnostic AR (:func:`coco_average_recall`)."""
+
+    table: MatchTable
+    masks: pd.DataFrame
+    coco: dict
+    seconds: float
+    average_recall: dict[str, float]
+
+
 def evaluate_split(manifest: Path, out_dir: Path, iou: float,
                    run: ProposerRun = ProposerRun("classical", {"proposer": "classical"}),
-                   ) -> tuple[MatchTable, dict, float]:
+                   ) -> SplitResult:
     masks, coco, seconds = propose_split(manifest, out_dir, run)
     sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
-    return match_masks(masks, ground_truth_rles(coco), sizes, iou), coco, seconds
+    table = match_masks(masks, ground_truth_rles(coco), sizes, iou)
+    return SplitResult(table, masks, coco, seconds, coco_average_recall(masks, coco))
+
+
+def print_average_recall(results: dict[str, SplitResult]) -> None:
+    """COCO class-agnostic AR per run and split: AR@10/20/50 and per size at the largest k."""
+    k = max(AR_MAX_DETS)
+    headers = ["proposer split", "masks/img", "images/s", *[f"AR@{m}" for m in AR_MAX_DETS],
+               f"AR_small@{k}", f"AR_medium@{k}", f"AR_large@{k}"]
+    rows = []
+    for name, result in results.items():
+        ar = result.average_recall
+        keep = np.ones(len(result.table.pred_image), bool)
+        rows.append([name, f"{masks_per_image(result.table, keep):.2f}",
+                     f"{result.table.num_images / result.seconds:.2f}",
+                     *[_pct(ar[f"AR@{m}"]) for m in AR_MAX_DETS],
+                     *[_pct(ar[f"AR_{a}@{k}"]) for a in ("small", "medium", "large")]])
+    print("\nCOCO class-agnostic mask average recall, IoU 0.50:0.95 (%), best k masks per image "
+          "by score; images/s: the propose stage in one process, reading included")
+    print(format_table(headers, rows))
 
 
 def labelled_recall(table: MatchTable, keep: np.ndarray, names: dict[int, str]) -> float:
@@ -252,7 +343,8 @@ def tuning_objective(table: MatchTable, names: dict[int, str]) -> float:
     return 2 * p * r / (p + r)
 
 
-def print_report(results: dict[str, MatchTable], categories: list[dict], iou: float) -> None:
+def print_report(results: dict[str, MatchTable], categories: list[dict], iou: float,
+                 per_category: bool = True) -> None:
     keeps = {s: (np.ones(len(t.pred_image), bool), filter_keep(t, MaskFilter()))
              for s, t in results.items()}
     print(f"\nOverall (match: mask IoU >= {iou}; all = every mask in the shards, filtered = "
@@ -285,10 +377,11 @@ def print_report(results: dict[str, MatchTable], categories: list[dict], iou: fl
             rows.append(row)
         print(format_table(["", *split_headers], rows))
 
-    breakdown("Recall per category", [
-        (c["name"], {s: t.gt_category == c["id"] for s, t in results.items()})
-        for c in categories
-    ])
+    if per_category:
+        breakdown("Recall per category", [
+            (c["name"], {s: t.gt_category == c["id"] for s, t in results.items()})
+            for c in categories
+        ])
     breakdown("Recall per size (COCO area thresholds 32^2 / 96^2 px, not scaled to the images)", [
         (name, {s: (t.gt_area >= lo) & (t.gt_area < hi) for s, t in results.items()})
         for name, lo, hi in SIZE_BUCKETS
@@ -352,7 +445,8 @@ def tune_clip(args, data: Path, tmp: Path, names: dict[int, str]) -> dict:
     rows, best = [], (-1.0, base)
     for options in grid_options(base):
         run = ProposerRun("clip", clip_fields(args, options))
-        table, _, seconds = evaluate_split(manifest, tmp / "tune", args.iou, run)
+        result = evaluate_split(manifest, tmp / "tune", args.iou, run)
+        table, seconds = result.table, result.seconds
         keep = filter_keep(table, MaskFilter())
         score = tuning_objective(table, names)
         rows.append([json.dumps({k: options.get(k, "default") for k in CLIP_GRID}),
@@ -369,6 +463,21 @@ def tune_clip(args, data: Path, tmp: Path, names: dict[int, str]) -> dict:
     return best[1]
 
 
+def run_fields(args, name: str, clip_options: dict) -> dict:
+    """The ``ProposeConfig`` fields of proposer ``name`` from the command line."""
+    options = dict(json.loads(args.proposer_options).get(name, {}))
+    if name == "clip":
+        fields = clip_fields(args, clip_options)
+    else:
+        fields = {"proposer": name, "options": options}
+        if name in ("freemask", "maskcut"):
+            fields["backbone_checkpoint"] = args.backbone_checkpoint
+    fields["top_k"] = args.top_k
+    if args.min_score is not None and name != "clip":
+        fields["min_score"] = args.min_score
+    return fields
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=None,
@@ -380,7 +489,16 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128, help="synthetic base size")
     parser.add_argument("--iou", type=float, default=0.5, help="mask IoU of a match")
     parser.add_argument("--proposers", nargs="+", default=["classical"],
-                        choices=["classical", "clip"], help="side by side on the same images")
+                        choices=["classical", "clip", "freemask", "maskcut"],
+                        help="side by side on the same images")
+    parser.add_argument("--backbone-checkpoint", default=None,
+                        help="freemask / maskcut weights: a file or a `stage backbone` run folder")
+    parser.add_argument("--proposer-options", default="{}",
+                        help="JSON options per proposer, e.g. '{\"maskcut\": {\"tau\": 0.3}}'")
+    parser.add_argument("--top-k", type=int, default=20,
+                        help="at most this many masks per image (0: no cap)")
+    parser.add_argument("--min-score", type=float, default=None,
+                        help="drop masks scoring under this (default: each proposer's own)")
     parser.add_argument("--clip-model", default="ViT-B-16",
                         help="open_clip name or config JSON (e.g. benchmarks/clip/*.json)")
     parser.add_argument("--clip-checkpoint", default=None, help="CLIP weights file (required)")
@@ -391,9 +509,14 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true",
                         help="grid-search the clip options on --tune-split first (CLIP_GRID)")
     parser.add_argument("--tune-split", default="train")
+    parser.add_argument("--brief", action="store_true",
+                        help="leave out the per-category recall table")
     args = parser.parse_args()
     if "clip" in args.proposers and args.clip_checkpoint is None:
         parser.error("--proposers clip needs --clip-checkpoint (random weights mean nothing)")
+    if {"freemask", "maskcut"} & set(args.proposers) and args.backbone_checkpoint is None:
+        parser.error("--proposers freemask / maskcut need --backbone-checkpoint "
+                     "(random weights mean nothing)")
 
     with tempfile.TemporaryDirectory(prefix="uplvp-propose-quality-") as tmp:
         data = args.data
@@ -414,22 +537,24 @@ def main() -> None:
         clip_options = json.loads(args.clip_options)
         if "clip" in args.proposers and args.tune:
             clip_options = tune_clip(args, data, Path(tmp), names)
-        runs = [ProposerRun("classical", {"proposer": "classical"}) if name == "classical"
-                else ProposerRun("clip", clip_fields(args, clip_options))
-                for name in args.proposers]
-        results: dict[str, MatchTable] = {}
+        runs = [ProposerRun(name, run_fields(args, name, clip_options)) for name in args.proposers]
+        results: dict[str, SplitResult] = {}
         for run in runs:
+            print(f"{run.name}: {json.dumps(run.fields)}")
             for split in args.splits:
                 manifest = data / f"{split}.yaml"
-                table, coco, seconds = evaluate_split(
+                result = evaluate_split(
                     manifest, Path(tmp) / f"propose-{run.name}-{split}", args.iou, run)
-                results[f"{run.name} {split}"] = table
-                print(f"propose ({run.name}, stage, 1 process) on {split}: {table.num_images} "
-                      f"images in {seconds:.1f} s ({table.num_images / seconds:.1f} images/s)")
+                results[f"{run.name} {split}"] = result
+                print(f"propose ({run.name}, stage, 1 process) on {split}: "
+                      f"{result.table.num_images} images in {result.seconds:.1f} s "
+                      f"({result.table.num_images / result.seconds:.2f} images/s)")
         if "clip" in args.proposers:
             print(f"clip: {args.clip_model} + {args.clip_checkpoint}, options "
                   f"{json.dumps(clip_options)}")
-        print_report(results, categories, args.iou)
+        print_report({k: r.table for k, r in results.items()}, categories, args.iou,
+                     per_category=not args.brief)
+        print_average_recall(results)
 
 
 if __name__ == "__main__":

@@ -137,13 +137,20 @@ def run_backbone(cfg: BackboneConfig, progress: bool = True) -> dict:
     summary = {"step": result.step, "epochs": round(result.step / steps_per_epoch, 2),
                "images": num_images, "backbone_checkpoint": str(out_file)}
     if info.rank == 0:
-        save_state(out_file, backbone_state(model), {
-            "stage": "backbone", "backbone": name, "tiny_channels": list(tiny_channels),
-            "objective": o.name, "step": result.step, "init": cfg.init,
-            "config_hash": cfg.config_hash()})
+        export_backbone(out_file, model, name, tiny_channels, objective=o.name,
+                        step=result.step, init=cfg.init, config_hash=cfg.config_hash())
         write_run_record(
             cfg.out, stage="backbone", config=cfg.resolved(), config_hash=cfg.config_hash(),
             inputs={"images": str(cfg.images), "init": cfg.init}, counts=summary,
             started_at=started)
         console.print(f"backbone done: step {result.step}, {out_file}")
     return summary
+
+
+def export_backbone(path: Path, model: SelfSupervisedModel, name: str,
+                    tiny_channels: tuple[int, ...], **extra) -> None:
+    """Write ``backbone.pt`` (docs/backbone.md): the query encoder's backbone under
+    ``backbone.body.*``, its architecture (``backbone``, ``tiny_channels``), ``stage`` and
+    ``extra`` (objective, step, init, config hash), atomically."""
+    save_state(path, backbone_state(model), {
+        "stage": "backbone", "backbone": name, "tiny_channels": list(tiny_channels), **extra})
