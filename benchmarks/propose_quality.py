@@ -201,7 +201,8 @@ def coco_average_recall(masks: pd.DataFrame, coco: dict,
     ground_truth = COCO()
     ground_truth.dataset = {"images": coco["images"], "categories": coco["categories"],
                             "annotations": [dict(a) for a in coco["annotations"]]}
-    ground_truth.createIndex()
+    with _quiet():
+        ground_truth.createIndex()
     category = int(coco["categories"][0]["id"])
     detections = [
         {"image_id": int(r.image_id), "category_id": category, "score": float(r.score),
@@ -211,12 +212,12 @@ def coco_average_recall(masks: pd.DataFrame, coco: dict,
     out: dict[str, float] = {}
     if not detections:
         return {f"AR{'' if a == 'all' else '_' + a}@{k}": 0.0 for a in AREA_NAMES for k in max_dets}
-    predicted = ground_truth.loadRes(detections)
-    evaluator = COCOeval(ground_truth, predicted, iouType="segm")
-    evaluator.params.useCats = 0
-    evaluator.params.maxDets = sorted(max_dets)
-    evaluator.params.imgIds = sorted(img["id"] for img in coco["images"])
     with _quiet():
+        predicted = ground_truth.loadRes(detections)
+        evaluator = COCOeval(ground_truth, predicted, iouType="segm")
+        evaluator.params.useCats = 0
+        evaluator.params.maxDets = sorted(max_dets)
+        evaluator.params.imgIds = sorted(img["id"] for img in coco["images"])
         evaluator.evaluate()
         evaluator.accumulate()
     recall = evaluator.eval["recall"]  # [T, K=1, A, M]; -1 where a range has no instance
