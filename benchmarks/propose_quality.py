@@ -464,6 +464,38 @@ def tune_clip(args, data: Path, tmp: Path, names: dict[int, str]) -> dict:
     return best[1]
 
 
+def tune_grid(args, data: Path, tmp: Path, name: str, grid: dict[str, list]) -> dict:
+    """Every combination of ``grid`` (option -> values) for proposer ``name`` on
+    ``args.tune_split``; returns the options with the best COCO AR@20 (printed as a table)."""
+    import itertools
+
+    base = dict(json.loads(args.proposer_options).get(name, {}))
+    manifest = data / f"{args.tune_split}.yaml"
+    rows, best = [], (-1.0, base)
+    for values in itertools.product(*grid.values()):
+        options = {**base, **dict(zip(grid, values))}
+        fields = run_fields(args, name, {})
+        fields["options"] = options
+        result = evaluate_split(manifest, tmp / f"grid-{name}", args.iou, ProposerRun(name, fields))
+        table = result.table
+        everything = np.ones(len(table.pred_image), bool)
+        filtered = filter_keep(table, MaskFilter())
+        objective = result.average_recall["AR@20"]
+        rows.append([json.dumps(dict(zip(grid, values))), f"{masks_per_image(table, everything):.2f}",
+                     _pct(recall(table, everything)), _pct(precision(table, everything)),
+                     _pct(recall(table, filtered)), _pct(precision(table, filtered)),
+                     _pct(objective), f"{table.num_images / result.seconds:.2f}"])
+        print(rows[-1], flush=True)
+        if objective > best[0]:
+            best = (objective, options)
+    print(f"\nGrid for {name} on {args.tune_split} (objective: COCO AR@20; recall and precision at "
+          f"IoU {args.iou})")
+    print(format_table(["options", "masks/img", "recall %", "prec %", "filt recall %",
+                        "filt prec %", "AR@20", "images/s"], rows))
+    print(f"best on {args.tune_split}: {json.dumps(best[1])} (AR@20 {_pct(best[0])})")
+    return best[1]
+
+
 def run_fields(args, name: str, clip_options: dict) -> dict:
     """The ``ProposeConfig`` fields of proposer ``name`` from the command line."""
     options = dict(json.loads(args.proposer_options).get(name, {}))
@@ -510,6 +542,9 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true",
                         help="grid-search the clip options on --tune-split first (CLIP_GRID)")
     parser.add_argument("--tune-split", default="train")
+    parser.add_argument("--grid", default=None,
+                        help="JSON {proposer: {option: [values]}}: pick each proposer's options "
+                             "by COCO AR@20 on --tune-split first, then run --splits with them")
     parser.add_argument("--brief", action="store_true",
                         help="leave out the per-category recall table")
     args = parser.parse_args()
@@ -538,6 +573,11 @@ def main() -> None:
         clip_options = json.loads(args.clip_options)
         if "clip" in args.proposers and args.tune:
             clip_options = tune_clip(args, data, Path(tmp), names)
+        if args.grid:
+            chosen = json.loads(args.proposer_options)
+            for name, grid in json.loads(args.grid).items():
+                chosen[name] = tune_grid(args, data, Path(tmp), name, grid)
+            args.proposer_options = json.dumps(chosen)
         runs = [ProposerRun(name, run_fields(args, name, clip_options)) for name in args.proposers]
         results: dict[str, SplitResult] = {}
         for run in runs:

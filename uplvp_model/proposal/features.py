@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backbone import build_backbone
+from ..backbone import LITE0_LEVEL_BLOCKS, build_backbone
 from ..checkpoint import load_backbone_checkpoint, read_backbone_file
 from ..config import BACKBONES
 
@@ -91,5 +91,9 @@ def truncate(body: nn.Module, name: str, level: int) -> nn.Sequential:
     keys are the full backbone's)."""
     if name == "tiny":  # body = [stem, stage c2, c3, c4, c5]
         return nn.Sequential(OrderedDict(list(body.named_children())[: level + 2]))
+    if name == "efficientnet_lite0":  # stem, then blocks up to the level's last
+        blocks = body._blocks[: LITE0_LEVEL_BLOCKS[level] + 1]
+        return nn.Sequential(OrderedDict([("_conv_stem", body._conv_stem), ("_bn0", body._bn0),
+                                          ("_act", body._act), ("_blocks", blocks)]))
     stages = ["conv1", "bn1", "relu", "maxpool", *FEATURE_LEVELS[: level + 1]]
     return nn.Sequential(OrderedDict((n, getattr(body, n)) for n in stages))

@@ -29,6 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 import scipy.linalg
+import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 
@@ -44,12 +45,21 @@ EPSILON = 1e-5  # MaskCut's weight of an edge below tau
 def normalized_cut(weights: np.ndarray) -> np.ndarray:
     """The second smallest generalised eigenvector ``v`` of ``(D - W) v = lambda D v``.
 
-    weights: symmetric float64 ``[N, N]`` with positive row sums. Returns float64 ``[N]``
-    (sign as scipy returns it)."""
+    weights: symmetric float64 ``[N, N]`` with positive row sums. Solved as the second largest
+    eigenvector ``u`` of ``D^-1/2 W D^-1/2`` (``v = D^-1/2 u``) with ARPACK (Lanczos, from a
+    fixed start vector, so the result repeats), dense LAPACK for small graphs. Returns float64
+    ``[N]`` (sign as the solver returns it)."""
     degree = weights.sum(axis=1)
-    laplacian = np.diag(degree) - weights
-    _, vectors = scipy.linalg.eigh(laplacian, np.diag(degree), subset_by_index=[1, 1])
-    return vectors[:, 0]
+    scale = 1.0 / np.sqrt(degree)
+    normalised = weights * scale[:, None] * scale[None, :]
+    if len(weights) <= 64:
+        _, vectors = scipy.linalg.eigh(normalised, subset_by_index=[len(weights) - 2,
+                                                                     len(weights) - 2])
+    else:
+        start = np.sqrt(degree) + np.linspace(0.0, 1.0, len(degree))  # fixed, not an eigenvector
+        values, vectors = scipy.sparse.linalg.eigsh(normalised, k=2, which="LA", v0=start)
+        vectors = vectors[:, np.argsort(values)[:1]]
+    return vectors[:, 0] * scale
 
 
 def ncut_value(weights: np.ndarray, part: np.ndarray) -> float:
