@@ -19,7 +19,7 @@ train crops only and scored on the val crops:
 Also printed: the majority class's share of the val crops (what guessing the most frequent
 train category scores) and, per probe, the mean per-category accuracy (categories with a val
 crop). ``random``: the preset's backbone with seeded random weights (what the stage starts
-from).
+from); a checkpoint is read as the architecture it names (``backbone.pt`` carries it).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from pipeline.transforms import normalize_image
 from uplvp_model.backbone import build_backbone
 from uplvp_model.checkpoint import load_backbone_checkpoint, resolve_backbone_path
 from uplvp_model.config import model_config
+from uplvp_model.proposal.features import checkpoint_architecture
 from uplvp_model.self_supervised import global_embedding
 
 LINEAR_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2)
@@ -160,11 +161,16 @@ def accuracies(predicted: torch.Tensor, truth: torch.Tensor) -> tuple[float, flo
 
 
 def load_probe_backbone(preset: str, checkpoint: str) -> torch.nn.Module:
-    """The preset's backbone, ``random`` (seed 0) or with the weights of ``checkpoint``
-    (strictly: every tensor must fit)."""
+    """``random``: the preset's backbone with seeded random weights; else the architecture the
+    checkpoint names (the preset's for files that name none) with its weights (strictly: every
+    tensor must fit)."""
     cfg = model_config(preset)
+    name, channels = cfg.backbone, cfg.tiny_channels
+    if checkpoint != "random":
+        named, named_channels = checkpoint_architecture(checkpoint)
+        name, channels = named or name, named_channels or channels
     torch.manual_seed(0)
-    backbone = build_backbone(cfg.backbone, cfg.tiny_channels)
+    backbone = build_backbone(name, channels)
     if checkpoint != "random":
         load_backbone_checkpoint(backbone.body, checkpoint)
     return backbone.eval()
@@ -174,7 +180,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True,
                         help="folder with train.yaml and val.yaml (labeled manifests)")
-    parser.add_argument("--preset", default="small", help="tiny | small | base")
+    parser.add_argument("--preset", default="small",
+                        help="tiny | small | base: the architecture of 'random' and of files "
+                             "that name none")
     parser.add_argument("--checkpoints", nargs="+", default=["random"],
                         help="backbone checkpoints or `stage backbone` run folders; 'random'")
     parser.add_argument("--crop-size", type=int, default=112)
