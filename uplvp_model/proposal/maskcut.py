@@ -15,10 +15,10 @@ per location. Affinity ``W[i, j] = 1`` where the cosine similarity of locations 
 
 Score of a mask: ``1 - Ncut / 2`` of its cut in the graph it was cut from (``Ncut =
 cut/assoc(A) + cut/assoc(B)`` in [0, 2]; a segment that barely connects to the rest scores near
-1). Masks scoring under ``min_score`` or smaller than ``min_area`` pixels (at the image's size)
-are dropped, mask NMS (IoU > ``nms_iou``) keeps the first of near-duplicates, at most ``top_k``
-(None: no cap) remain. Patch masks reach the image through bilinear upsampling of the 0/1 patch
-grid and a 0.5 threshold. Label ``"object"``; embedding: the normalised features averaged over
+1). Masks scoring under ``min_score``, smaller than ``min_area`` pixels (at the image's size) or
+larger than ``max_area_fraction`` of the image are dropped, mask NMS (IoU > ``nms_iou``) keeps
+the first of near-duplicates, at most ``top_k`` (None: no cap) remain. Patch masks reach the
+image through bilinear upsampling of the 0/1 patch grid and a 0.5 threshold. Label ``"object"``; embedding: the normalised features averaged over
 the mask (as ``freemask``).
 """
 from __future__ import annotations
@@ -142,6 +142,7 @@ class MaskCutProposer:
         nms_iou: float = 0.5,
         top_k: int | None = 20,
         min_area: int = 32,
+        max_area_fraction: float = 1.0,
         min_score: float = 0.0,
         random_weights: bool = False,
     ) -> None:
@@ -164,7 +165,8 @@ class MaskCutProposer:
             "backbone": features.name, "checkpoint": checkpoint,
             "pretrained": checkpoint is not None, "feature_level": feature_level,
             "input_size": input_size, "tau": tau, "center": center, "num_cuts": num_cuts,
-            "nms_iou": nms_iou, "top_k": top_k, "min_area": min_area, "min_score": min_score,
+            "nms_iou": nms_iou, "top_k": top_k, "min_area": min_area,
+            "max_area_fraction": max_area_fraction, "min_score": min_score,
         }
 
     def config(self) -> dict[str, Any]:
@@ -200,7 +202,8 @@ class MaskCutProposer:
                                   align_corners=False)[0]
         masks = (upsampled > 0.5).numpy()
         scores = np.asarray([score for _, score in cuts])
-        keep = [i for i in range(len(masks)) if masks[i].sum() >= s["min_area"]]
+        max_area = s["max_area_fraction"] * box.height * box.width
+        keep = [i for i in range(len(masks)) if s["min_area"] <= masks[i].sum() <= max_area]
         if not keep:
             return []
         masks, scores = masks[keep], scores[keep]
