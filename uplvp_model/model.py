@@ -17,7 +17,12 @@ import math
 from torch import Tensor, nn
 
 from .backbone import PixelDecoder, build_backbone, freeze_batch_norm
-from .checkpoint import LoadReport, load_backbone_checkpoint
+from .checkpoint import (
+    LoadReport,
+    backbone_checkpoint_name,
+    load_backbone_checkpoint,
+    resolve_backbone_path,
+)
 from .config import ModelConfig
 from .decoders import build_decoder
 
@@ -144,6 +149,11 @@ def build_model(cfg: ModelConfig) -> QEISModel:
     and then freeze the backbone if asked."""
     model = QEISModel(cfg)
     if cfg.backbone_checkpoint is not None:
+        named = backbone_checkpoint_name(cfg.backbone_checkpoint)
+        if named is not None and named != cfg.backbone and not cfg.backbone_allow_partial:
+            raise ValueError(f"{resolve_backbone_path(cfg.backbone_checkpoint)}: a {named} "
+                             f"backbone checkpoint, but the model's backbone is {cfg.backbone} "
+                             "(choose the preset it was trained for)")
         report = load_backbone_checkpoint(model.backbone.body, cfg.backbone_checkpoint,
                                           allow_partial=cfg.backbone_allow_partial)
         logger.info("backbone checkpoint %s: %s", cfg.backbone_checkpoint, report.summary())
