@@ -38,7 +38,7 @@ if [ ! -f "$OUT/tune/tune.yaml" ]; then
     $UPLVP data split --manifest "$DATA/train.yaml" --percent 34 --seed 1 --out "$OUT/tune"
     cp "$OUT/tune/instances_train.1@34.yaml" "$OUT/tune/tune.yaml"
 fi
-GRID='{"freemask": {"threshold": [0.3, 0.5], "min_maskness": [0.5, 0.7]},
+GRID='{"freemask": {"threshold": [0.3, 0.5], "min_score": [0.3, 0.5]},
        "maskcut": {"tau": [0.0, 0.2, 0.4], "num_cuts": [3, 10]}}'
 for backbone in "$MOCO" "$DENSE" "$LITE"; do
     tag=$(basename "$backbone" .pt)
