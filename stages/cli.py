@@ -259,6 +259,11 @@ def stage_finetune(
     val_data: Optional[Path] = typer.Option(None, "--val", help="Labeled manifest for validation."),
     init: Optional[str] = typer.Option(
         None, "--init", help="Pretrain run folder or checkpoint, or none (from scratch, default)."),
+    backbone_checkpoint: Optional[str] = typer.Option(
+        None, help="Local backbone weights (e.g. a `stage backbone` run) for a scratch init."),
+    freeze_backbone: Optional[bool] = typer.Option(
+        None, "--freeze-backbone/--train-backbone",
+        help="Freeze the backbone and its BatchNorm (default: trained, at --backbone-lr-mult)."),
     allow_partial_init: Optional[bool] = AllowPartialInitOpt,
     norm: Optional[str] = NormOpt,
     backbone_lr_mult: Optional[float] = BackboneLrOpt,
@@ -285,6 +290,7 @@ def stage_finetune(
 
     cfg = load_config(FinetuneConfig, config, {
         "train_data": train_data, "val_data": val_data, "init": init,
+        "model.backbone_checkpoint": backbone_checkpoint, "model.freeze_backbone": freeze_backbone,
         "model.allow_partial_init": allow_partial_init, "model.norm": norm,
         "train.backbone_lr_multiplier": backbone_lr_mult, "train.eval_every": eval_every,
         **training_overrides(
