@@ -166,6 +166,30 @@ def evaluate_predictions(coco_gt: dict, results: list[dict],
     return metrics
 
 
+def class_agnostic_segm(coco_gt: dict, results: Sequence[dict]) -> dict[str, float | None]:
+    """Class-agnostic mask AP of ``results`` (``SUMMARY_KEYS``): COCOeval ``segm`` with
+    ``useCats = 0`` (a detection may match an instance of any category), after merging the
+    results that are the same mask of the same image (a query model's post-processing emits a
+    kernel's mask once per class it scores; the merged detection keeps the highest score).
+    What it measures: how well the masks find and delineate the objects, categories aside."""
+    gt = ground_truth_coco(coco_gt)
+    check_results(gt, results)
+    best: dict[tuple, dict] = {}
+    for res in results:
+        segmentation = res["segmentation"]
+        counts = segmentation["counts"]
+        key = (res["image_id"], counts if isinstance(counts, str) else bytes(counts))
+        if key not in best or res["score"] > best[key]["score"]:
+            best[key] = res
+    merged = list(best.values())
+    evaluator = COCOeval(gt, results_coco(gt, merged, "segm"), iouType="segm")
+    evaluator.params.useCats = 0
+    _quiet(evaluator.evaluate)
+    _quiet(evaluator.accumulate)
+    _quiet(evaluator.summarize)
+    return summary_metrics(evaluator)
+
+
 def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float | None]:
     """``{"segm": {"AP": x}, ...}`` -> ``{f"{prefix}segm_AP": x, ...}`` (summary values only),
     e.g. ``prefix="val/"`` for training logs."""
