@@ -298,15 +298,24 @@ def move_to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def is_backbone_parameter(name: str) -> bool:
+    """A parameter under a module named ``backbone`` (at any depth, e.g.
+    ``model.backbone.body...`` of a prompted model), except one under that module's ``fpn``
+    (torchvision's ``BackboneWithFPN.fpn`` of the Mask R-CNN peer: a neck, trained as a head,
+    as our pixel decoder is)."""
+    parts = name.split(".")
+    return "backbone" in parts and "fpn" not in parts[parts.index("backbone") + 1:]
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """AdamW parameter groups of ``model``'s trainable parameters: those under a module named
-    ``backbone`` (at any depth, e.g. ``model.backbone.body...`` of a prompted model) at
-    ``lr * backbone_lr_multiplier``, the rest at ``lr``; one group when the multiplier is 1."""
+    """Optimizer parameter groups of ``model``'s trainable parameters: the backbone's
+    (:func:`is_backbone_parameter`) at ``lr * backbone_lr_multiplier``, the rest at ``lr``; one
+    group when the multiplier is 1."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if cfg.backbone_lr_multiplier == 1.0:
         return [{"params": [p for _, p in named]}]
-    backbone = [p for n, p in named if "backbone" in n.split(".")]
-    rest = [p for n, p in named if "backbone" not in n.split(".")]
+    backbone = [p for n, p in named if is_backbone_parameter(n)]
+    rest = [p for n, p in named if not is_backbone_parameter(n)]
     return [group for group in ({"params": rest},
                                 {"params": backbone, "lr": cfg.lr * cfg.backbone_lr_multiplier})
             if group["params"]]

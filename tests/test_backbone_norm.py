@@ -117,6 +117,20 @@ def test_backbone_learning_rate_multiplier_groups_exactly_the_backbone():
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-4])
 
 
+def test_the_mask_rcnn_peers_fpn_learns_at_the_head_rate():
+    from benchmark_scripts import load_benchmark
+
+    peers = load_benchmark("peer_models")
+    torch.manual_seed(0)
+    model = peers.build_maskrcnn_tiny(3, 64)
+    rest, backbone = param_groups(model, TrainConfig(max_steps=1, lr=1e-3,
+                                                     backbone_lr_multiplier=0.25))
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.body.parameters()}
+    fpn = {id(p) for p in model.backbone.fpn.parameters()}
+    assert fpn and fpn <= {id(p) for p in rest["params"]}
+    assert backbone["lr"] == pytest.approx(2.5e-4)
+
+
 def test_finetune_init_from_a_frozen_norm_pretraining_into_batch_norm(tmp_path):
     from stages.finetune import initialise_from
     from tests.test_strict_init import _pretrained
