@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # peer_models
 from pipeline.atomic import write_text_atomic  # noqa: E402
 from pipeline.coco import load_coco, write_coco  # noqa: E402
 from pipeline.errors import InputError  # noqa: E402
-from pipeline.manifest import write_manifest  # noqa: E402
+from pipeline.manifest import load_manifest, write_manifest  # noqa: E402
 from pipeline.splits import format_percent, sample_subsets, subset_coco  # noqa: E402
 from pipeline.synth import write_synth_dataset  # noqa: E402
 from stages.demo import ap_curve, steps_to_reach  # noqa: E402
@@ -120,6 +120,26 @@ class StudyConfig(BaseModel):
     # (FinetuneConfig.stage_assignment); folders recorded without it were trained with "own"
     # (RECORDED_BEFORE)
     stage_assignment: Literal["own", "previous"] = "previous"
+    # (fields below added for issue 32; their defaults are what earlier folders ran with)
+    # the images: "synthetic" (generated from data_seed: num_unlabeled, num_labeled_pool,
+    # num_val, image_size) or "real": the labeled pool, val set and unlabeled pool of the
+    # manifests below (e.g. the small COCO sets of ../shared/data)
+    data: Literal["synthetic", "real"] = "synthetic"
+    train_manifest: str | None = None
+    val_manifest: str | None = None
+    unlabeled_manifest: str | None = None
+    # ProposeConfig fields of the unlabeled pool's proposals (default: the classical proposer)
+    proposer: dict[str, Any] = {}
+    # the paper's setting: one backbone (weights file or `uplvp stage backbone` run) under every
+    # arm and under the Mask R-CNN peer; UPLVP pre-trains with it frozen, fine-tuning trains it
+    # (at backbone_lr_multiplier; the reference: 0.25) or keeps it frozen
+    backbone_checkpoint: str | None = None
+    pretrain_freeze_backbone: bool = True
+    finetune_backbone: Literal["train", "frozen"] = "train"
+    backbone_lr_multiplier: float = 1.0
+    # the Mask R-CNN peer's FPN and head width (None: 64, the tiny study's); the peer sits on
+    # the preset's backbone
+    peer_width: int | None = None
 
 
 # fields that choose which cells run; every other field defines the benchmark itself
@@ -231,33 +251,46 @@ def record_config(cfg: StudyConfig, out: Path) -> None:
 
 
 def prepare_data(cfg: StudyConfig, out: Path) -> dict[str, Path]:
-    """Synthetic benchmark + proposal shards (both skipped when already complete)."""
-    data_dir = out / "data"
-    marker = data_dir / "study_data.done"
-    if not marker.is_file():
-        write_synth_dataset(data_dir, seed=cfg.data_seed, num_unlabeled=cfg.num_unlabeled,
-                            num_train=cfg.num_labeled_pool, num_val=cfg.num_val,
-                            image_size=cfg.image_size, progress=True)
-        write_text_atomic(marker, "synthetic benchmark complete\n")
-    code = run_propose(ProposeConfig(images=data_dir / "unlabeled.yaml", out=out / "propose",
-                                     shard_size=50, num_workers=cfg.propose_workers),
-                       progress=False)
+    """The benchmark's manifests (``train``: the labeled pool, ``val``, ``unlabeled``; a
+    synthetic benchmark is generated first) + the proposal shards of the unlabeled pool (both
+    skipped when already complete); ``splits``: where the low-data subsets go."""
+    if cfg.data == "real":
+        missing = [f for f in ("train_manifest", "val_manifest", "unlabeled_manifest")
+                   if getattr(cfg, f) is None]
+        if missing:
+            raise InputError(f"data: real needs {', '.join(missing)}")
+        data = {"train": Path(cfg.train_manifest), "val": Path(cfg.val_manifest),
+                "unlabeled": Path(cfg.unlabeled_manifest), "splits": out / "splits"}
+    else:
+        data_dir = out / "data"
+        marker = data_dir / "study_data.done"
+        if not marker.is_file():
+            write_synth_dataset(data_dir, seed=cfg.data_seed, num_unlabeled=cfg.num_unlabeled,
+                                num_train=cfg.num_labeled_pool, num_val=cfg.num_val,
+                                image_size=cfg.image_size, progress=True)
+            write_text_atomic(marker, "synthetic benchmark complete\n")
+        data = {"train": data_dir / "train.yaml", "val": data_dir / "val.yaml",
+                "unlabeled": data_dir / "unlabeled.yaml", "splits": data_dir / "splits",
+                "data": data_dir}
+    code = run_propose(ProposeConfig(images=data["unlabeled"], out=out / "propose",
+                                     shard_size=50, num_workers=cfg.propose_workers,
+                                     **cfg.proposer), progress=False)
     if code:
         raise SystemExit(f"propose failed (exit {code})")
-    return {"data": data_dir, "shards": out / "propose"}
+    return {**data, "shards": out / "propose"}
 
 
-def clip_shards(cfg: StudyConfig, out: Path, data_dir: Path) -> Path:
+def clip_shards(cfg: StudyConfig, out: Path, data: dict[str, Path]) -> Path:
     """The clip proposer's shards of the unlabeled pool (vocabulary: the benchmark's category
     names), made once under a lock; every rerun skips the complete shards."""
     if cfg.clip_checkpoint is None:
         raise InputError("the clip arms need clip_checkpoint (benchmarks/train_clip.py)")
     vocabulary = out / "propose_clip_vocabulary.txt"
-    categories = load_coco(data_dir / "val" / "annotations.json")["categories"]
+    categories = load_manifest(data["val"]).categories
     with file_lock(out / "locks" / "propose_clip.lock"):
         write_text_atomic(vocabulary, "".join(f"{c['name']}\n" for c in categories))
         code = run_propose(ProposeConfig(
-            images=data_dir / "unlabeled.yaml", out=out / "propose_clip", proposer="clip",
+            images=data["unlabeled"], out=out / "propose_clip", proposer="clip",
             clip_model=cfg.clip_model, clip_checkpoint=cfg.clip_checkpoint,
             vocabulary=vocabulary, options=cfg.clip_options, shard_size=50,
             num_workers=cfg.propose_workers, device="cpu"), progress=False)
@@ -266,17 +299,31 @@ def clip_shards(cfg: StudyConfig, out: Path, data_dir: Path) -> Path:
     return out / "propose_clip"
 
 
-def subset_manifest(cfg: StudyConfig, data_dir: Path, regime: float, seed: int) -> Path:
-    """The seed's ``regime``% image-level subset of the labeled pool, as a manifest."""
+def subset_manifest(cfg: StudyConfig, data: dict[str, Path], regime: float, seed: int) -> Path:
+    """The seed's ``regime``% image-level subset of the labeled pool (``pipeline.splits``, as
+    ``uplvp data split`` makes them), as a manifest in ``data["splits"]``."""
     stem = f"train.{seed}@{format_percent(regime)}"
-    manifest = data_dir / "splits" / f"{stem}.yaml"
+    manifest = data["splits"] / f"{stem}.yaml"
     if not manifest.is_file():
-        coco = load_coco(data_dir / "train" / "annotations.json")
-        (subset,) = sample_subsets([im["id"] for im in coco["images"]], [regime], seed)
-        write_coco(data_dir / "splits" / f"{stem}.json", subset_coco(coco, subset.image_ids))
-        write_manifest(manifest, stem, data_dir / "train" / "images",
-                       annotations=data_dir / "splits" / f"{stem}.json")
+        pool = load_manifest(data["train"])
+        (subset,) = sample_subsets([im["id"] for im in pool.coco["images"]], [regime], seed)
+        write_coco(data["splits"] / f"{stem}.json", subset_coco(pool.coco, subset.image_ids))
+        write_manifest(manifest, stem, pool.root, annotations=data["splits"] / f"{stem}.json")
     return manifest
+
+
+def model_section(cfg: StudyConfig, decoder: str, stage: str) -> ModelSection:
+    """The model of every arm: the study's preset and overrides, and in the paper's setting
+    (``backbone_checkpoint``) the shared backbone, frozen in pre-training (as the reference)
+    and in fine-tuning when ``finetune_backbone`` is ``frozen``."""
+    fields: dict[str, Any] = {**cfg.model, "decoder": decoder}
+    if cfg.backbone_checkpoint is not None:
+        fields["backbone_checkpoint"] = cfg.backbone_checkpoint
+        fields["freeze_backbone"] = (cfg.pretrain_freeze_backbone if stage == "pretrain"
+                                     else cfg.finetune_backbone == "frozen")
+    elif cfg.finetune_backbone == "frozen" and stage == "finetune":
+        fields["freeze_backbone"] = True
+    return ModelSection(**fields)
 
 
 def data_section(cfg: StudyConfig, seed: int, max_batch: int | None = None) -> DataSection:
@@ -305,7 +352,7 @@ def pretrain(cfg: StudyConfig, shards: Path, decoder: str, arm: str, run_dir: Pa
     loss = {key: getattr(cfg, field) for key, field in CLIP_ARMS.get(arm, {}).items()}
     run_pretrain(
         PretrainConfig(
-            shards=shards, out=run_dir, model=ModelSection(**cfg.model, decoder=decoder),
+            shards=shards, out=run_dir, model=model_section(cfg, decoder, "pretrain"),
             prompt=prompt, loss=LossSection(num_points=None, stage_assignment=cfg.stage_assignment,
                                             **loss),
             masks={"min_score": cfg.min_score}, data=data_section(cfg, 0),
@@ -327,25 +374,29 @@ def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> 
     t0 = time.perf_counter()
     init = "none"
     if ARMS[arm] is not None:
-        shards = clip_shards(cfg, out, data["data"]) if arm in CLIP_ARMS else data["shards"]
+        shards = clip_shards(cfg, out, data) if arm in CLIP_ARMS else data["shards"]
         pretrained = pretrained_run(cfg, out, shards, decoder, arm)
         if pretrained is None:
             return None
         init = str(pretrained)
     run_dir = out / "finetune" / cell_name(cell)
-    train_manifest = subset_manifest(cfg, data["data"], regime, seed)
+    train_manifest = subset_manifest(cfg, data, regime, seed)
     subset_size = len(load_coco(train_manifest.with_suffix(".json"))["images"])
     train_cfg = TrainConfig(max_steps=cfg.finetune_steps, lr=cfg.finetune_lr,
                             warmup_steps=min(50, cfg.finetune_steps // 10),
                             eval_every=cfg.eval_every, log_every=50, seed=seed,
-                            checkpoint_every=max(1, cfg.finetune_steps // 2), progress=False)
+                            checkpoint_every=max(1, cfg.finetune_steps // 2), progress=False,
+                            backbone_lr_multiplier=cfg.backbone_lr_multiplier)
     if decoder in PEER_DECODERS:
         segm = run_peer_cell(cfg, data, decoder, train_manifest, subset_size, seed, train_cfg,
                              run_dir)
     else:
         segm = run_our_cell(cfg, data, decoder, train_manifest, subset_size, seed, train_cfg,
                             run_dir, init)
-    return {**cell, "AP": segm["AP"], "AP50": segm["AP50"], "AP75": segm["AP75"],
+    agnostic = segm.pop("agnostic", None)
+    extra = {} if agnostic is None else {"AP_agnostic": agnostic["AP"],
+                                         "AP50_agnostic": agnostic["AP50"]}
+    return {**cell, "AP": segm["AP"], "AP50": segm["AP50"], "AP75": segm["AP75"], **extra,
             "run": str(run_dir.relative_to(out)), "seconds": round(time.perf_counter() - t0, 1),
             "threads": torch.get_num_threads()}
 
@@ -358,20 +409,26 @@ def run_our_cell(cfg: StudyConfig, data: dict[str, Path], decoder: str, train_ma
     run_finetune(
         FinetuneConfig(
             train_data=train_manifest,
-            val_data=data["data"] / "val.yaml", init=init, out=run_dir,
-            model=ModelSection(**cfg.model, decoder=decoder),
+            val_data=data["val"], init=init, out=run_dir,
+            model=model_section(cfg, decoder, "finetune"),
             data=data_section(cfg, seed, max_batch=subset_size),
             num_points=None, stage_assignment=cfg.stage_assignment, train=train_cfg, resume=True,
         ),
         progress=False,
     )
     report = run_evaluate(
-        EvaluateConfig(checkpoint=run_dir, data=data["data"] / "val.yaml",
+        EvaluateConfig(checkpoint=run_dir, data=data["val"],
                        out=run_dir / "evaluate", short_side=cfg.eval_short_side,
                        max_long_side=cfg.max_long_side, batch_size=4),
         progress=False,
     )
-    return report["segm"]
+    segm = dict(report["segm"])
+    if cfg.data == "real":  # class-agnostic AP too: 80 categories on a few hundred photos
+        from pipeline.evaluation import class_agnostic_segm
+
+        predictions = json.loads((run_dir / "evaluate" / "predictions.json").read_text())
+        segm["agnostic"] = class_agnostic_segm(load_manifest(data["val"]).coco, predictions)
+    return segm
 
 
 def run_peer_cell(cfg: StudyConfig, data: dict[str, Path], decoder: str, train_manifest: Path,
@@ -384,18 +441,32 @@ def run_peer_cell(cfg: StudyConfig, data: dict[str, Path], decoder: str, train_m
     from pipeline.coco_dataset import category_ids as sorted_category_ids
     from pipeline.manifest import load_manifest
 
-    train_set, val_set = load_manifest(train_manifest), load_manifest(data["data"] / "val.yaml")
+    train_set, val_set = load_manifest(train_manifest), load_manifest(data["val"])
     category_ids = sorted_category_ids(val_set.categories)
     section = data_section(cfg, seed, max_batch=subset_size)
     device = torch.device("cpu")
     model = train_peer(decoder, train_set, category_ids, batch_size=section.batch_size,
                        augment=section.augment(), seed=seed, train_cfg=train_cfg,
-                       run_dir=run_dir, device=device, depth=PEER_DECODERS[decoder],
+                       run_dir=run_dir, device=device, depth=peer_backbone(cfg),
                        size=cfg.eval_short_side, resume=True, val_set=val_set,
-                       eval_resize=section.eval_resize())
-    metrics = score_peer(decoder, model, val_set, category_ids, section.eval_resize(), device)
+                       eval_resize=section.eval_resize(),
+                       backbone_checkpoint=cfg.backbone_checkpoint, width=cfg.peer_width,
+                       freeze_backbone=cfg.finetune_backbone == "frozen")
+    metrics = score_peer(decoder, model, val_set, category_ids, section.eval_resize(), device,
+                         agnostic=cfg.data == "real")
     write_text_atomic(run_dir / "evaluate" / "metrics.json", json.dumps(metrics, indent=1))
-    return metrics["segm"]
+    segm = dict(metrics["segm"])
+    if "segm_agnostic" in metrics:
+        segm["agnostic"] = metrics["segm_agnostic"]
+    return segm
+
+
+def peer_backbone(cfg: StudyConfig) -> str:
+    """The Mask R-CNN peer's backbone: the preset's (tiny CNN, ResNet-18, ResNet-50), the one
+    our decoders sit on."""
+    from uplvp_model.config import model_config
+
+    return model_config(cfg.model.get("preset", "tiny")).backbone
 
 
 # --------------------------------------------------------------------------- report

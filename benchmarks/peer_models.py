@@ -162,10 +162,14 @@ def maskrcnn_results(model, batches, category_ids: list[int], device) -> list[di
 def train_peer(name: str, train_set, category_ids: list[int], *, batch_size: int, augment,
                seed: int, train_cfg, run_dir: Path, device: torch.device, depth: str,
                size: int, backbone_checkpoint: str | None = None, resume: bool = False,
-               val_set=None, eval_resize=None) -> nn.Module:
+               val_set=None, eval_resize=None, width: int | None = None,
+               freeze_backbone: bool = False) -> nn.Module:
     """Train peer ``name`` on ``train_set`` with our loader (``augment``: an AugmentConfig) and
     trainer; returns the model ready for :func:`score_peer`. ``size`` is Mask R-CNN's nominal
-    image size (its own resize is off); ``depth`` ``"tiny"`` builds :func:`build_maskrcnn_tiny`.
+    image size (its own resize is off); ``depth`` ``"tiny"`` or a ``width`` builds
+    :func:`build_maskrcnn_ours` on our backbone ``depth`` (FPN and heads ``width`` wide, 64 by
+    default; ``freeze_backbone`` stops the backbone's gradients), other depths torchvision's
+    full-width ResNet-FPN Mask R-CNN.
     With ``val_set`` (and ``eval_resize``) it is scored
     every ``train_cfg.eval_every`` steps, as our fine-tuning does: ``val/segm_AP`` and the
     other metrics go to the run's metrics.jsonl."""
@@ -179,8 +183,12 @@ def train_peer(name: str, train_set, category_ids: list[int], *, batch_size: int
         loss = hf_mask2former_loss
     elif name == "maskrcnn":
         checkpoint = Path(backbone_checkpoint) if backbone_checkpoint else None
-        inner = (build_maskrcnn_tiny(len(category_ids), size, backbone_checkpoint=checkpoint)
-                 if depth == "tiny" else build_maskrcnn(len(category_ids), depth, size, checkpoint))
+        if depth == "tiny" or width is not None:
+            inner = build_maskrcnn_ours(len(category_ids), size, depth, width or 64,
+                                        backbone_checkpoint=checkpoint,
+                                        freeze_backbone=freeze_backbone)
+        else:
+            inner = build_maskrcnn(len(category_ids), depth, size, checkpoint)
         loss = maskrcnn_loss
     else:
         raise ValueError(f"unknown peer {name!r}; choose one of {PEERS}")
@@ -201,26 +209,32 @@ def train_peer(name: str, train_set, category_ids: list[int], *, batch_size: int
 
 
 def score_peer(name: str, model: nn.Module, val_set, category_ids: list[int], resize,
-               device: torch.device) -> dict:
+               device: torch.device, agnostic: bool = False) -> dict:
     """pycocotools metrics of a trained peer on ``val_set`` (``resize``: the eval
-    AugmentConfig): the query peer through our post-processing, Mask R-CNN through its own."""
+    AugmentConfig): the query peer through our post-processing, Mask R-CNN through its own;
+    with ``agnostic`` also ``segm_agnostic`` (``pipeline.evaluation.class_agnostic_segm``)."""
     from pipeline.coco_dataset import eval_loader
-    from pipeline.evaluation import evaluate_predictions
+    from pipeline.evaluation import class_agnostic_segm, evaluate_predictions
     from stages.evaluate import evaluate_model
 
     batches = eval_loader(val_set, 4, resize=resize, category_map=category_ids).make_batches(0)
     if name == "maskrcnn":
-        return evaluate_predictions(val_set.coco, maskrcnn_results(model, batches, category_ids,
-                                                                   device))
-    metrics, _ = evaluate_model(model, batches, val_set.coco, category_ids, device=device)
+        results = maskrcnn_results(model, batches, category_ids, device)
+        metrics = evaluate_predictions(val_set.coco, results)
+    else:
+        metrics, results = evaluate_model(model, batches, val_set.coco, category_ids,
+                                          device=device)
+    if agnostic:
+        metrics["segm_agnostic"] = class_agnostic_segm(val_set.coco, results)
     return metrics
 
 
-class _TinyBody(nn.Module):
-    """Our tiny CNN (``uplvp_model.backbone.TinyBackbone``) returning torchvision's
-    ``OrderedDict`` of its four levels (strides 4, 8, 16, 32) through an FPN of ``width``."""
+class _OurBody(nn.Module):
+    """One of our backbones (``uplvp_model.backbone``: tiny CNN, ResNet, EfficientNet-Lite0)
+    returning torchvision's ``OrderedDict`` of its four levels (strides 4, 8, 16, 32) through an
+    FPN of ``width`` channels."""
 
-    def __init__(self, channels: tuple[int, int, int, int], width: int) -> None:
+    def __init__(self, name: str, channels: tuple[int, int, int, int], width: int) -> None:
         super().__init__()
         from torchvision.ops.feature_pyramid_network import (
             FeaturePyramidNetwork,
@@ -229,7 +243,7 @@ class _TinyBody(nn.Module):
 
         from uplvp_model.backbone import build_backbone
 
-        self.body = build_backbone("tiny", channels)
+        self.body = build_backbone(name, channels)
         self.fpn = FeaturePyramidNetwork(list(self.body.out_channels), width,
                                          extra_blocks=LastLevelMaxPool())
         self.out_channels = width
@@ -240,30 +254,34 @@ class _TinyBody(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(images))))
 
 
-def build_maskrcnn_tiny(num_classes: int, size: int, width: int = 64,
+def build_maskrcnn_ours(num_classes: int, size: int, backbone: str = "tiny", width: int = 64,
                         channels: tuple[int, int, int, int] = (16, 32, 64, 128),
                         box_batch_size_per_image: int = 128,
-                        backbone_checkpoint: Path | None = None):
-    """torchvision Mask R-CNN at the study's model size: our tiny CNN backbone (the one the
-    study's knet / mask2former use) under an FPN of ``width`` channels, box head of 4 x
+                        backbone_checkpoint: Path | None = None,
+                        freeze_backbone: bool = False):
+    """torchvision Mask R-CNN at our models' size: one of our backbones (``backbone``: the
+    preset's, the one our decoders sit on) under an FPN of ``width`` channels, box head of 4 x
     ``width`` and mask head of ``width`` channels (torchvision's layouts, narrowed as our
-    decoders are narrowed to hidden 64), trained BatchNorm, no resize of its own. RPN settings
-    are torchvision's; the box head samples ``box_batch_size_per_image`` proposals per image
-    (torchvision: 512; 128, detectron2's ``BATCH_SIZE_PER_IMAGE`` of its fast schedules, is
-    plenty for a few objects per small image and makes a CPU step ~4x cheaper). With
-    ``backbone_checkpoint`` the tiny CNN's weights come from it and its BatchNorm is frozen
-    (FrozenBatchNorm2d, as torchvision freezes a loaded ResNet's)."""
+    decoders are narrowed to their hidden width), trained BatchNorm, no resize of its own. RPN
+    settings are torchvision's; the box head samples ``box_batch_size_per_image`` proposals per
+    image (torchvision: 512; 128, detectron2's ``BATCH_SIZE_PER_IMAGE`` of its fast schedules,
+    is plenty for a few objects per small image and makes a CPU step ~4x cheaper). With
+    ``backbone_checkpoint`` the backbone's weights come from it and its BatchNorm is frozen
+    (FrozenBatchNorm2d, as torchvision freezes a loaded ResNet's); ``freeze_backbone`` also
+    stops its gradients (the FPN and heads train)."""
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
     classes = num_classes + 1
-    body = _TinyBody(channels, width)
+    body = _OurBody(backbone, channels, width)
     if backbone_checkpoint:
         from uplvp_model.backbone import freeze_batch_norm
 
         load_peer_backbone(body.body.body, backbone_checkpoint)
         freeze_batch_norm(body.body)
+    if freeze_backbone:
+        body.body.freeze()
     model = MaskRCNN(
         body, num_classes=None,
         box_head=TwoMLPHead(width * 7 * 7, 4 * width),
@@ -274,3 +292,12 @@ def build_maskrcnn_tiny(num_classes: int, size: int, width: int = 64,
         box_score_thresh=0.0, box_detections_per_img=100)
     model.transform = _no_resize_transform(size)
     return model
+
+
+def build_maskrcnn_tiny(num_classes: int, size: int, width: int = 64,
+                        channels: tuple[int, int, int, int] = (16, 32, 64, 128),
+                        box_batch_size_per_image: int = 128,
+                        backbone_checkpoint: Path | None = None):
+    """:func:`build_maskrcnn_ours` on the tiny CNN (the study's Mask R-CNN since phase 9)."""
+    return build_maskrcnn_ours(num_classes, size, "tiny", width, channels,
+                               box_batch_size_per_image, backbone_checkpoint)
