@@ -514,12 +514,17 @@ def summarise(out: Path, records: list[dict]) -> list[dict]:
             if target is not None and curve:
                 step = steps_to_reach(curve, target)
                 reach.append("never" if step is None else f"{100 * step / curve[-1][0]:.0f}%")
+        agnostic = [r["AP_agnostic"] for r in rs if r.get("AP_agnostic") is not None]
         rows.append({
             "decoder": decoder, "regime": regime, "arm": arm, "seeds": len(rs),
             "AP": mean_std([r["AP"] for r in rs]), "AP50": mean_std([r["AP50"] for r in rs]),
             "AP75": mean_std([r["AP75"] for r in rs]),
             "ap_mean": statistics.mean(r["AP"] for r in rs),
             "reach": ", ".join(reach) or "-",
+            "AP_agnostic": mean_std(agnostic) if agnostic else None,
+            "agnostic_mean": statistics.mean(agnostic) if agnostic else None,
+            "AP50_agnostic": mean_std([r["AP50_agnostic"] for r in rs]) if agnostic else None,
+            "peer_reach": peer_reach(out, records, rs),
         })
     scratch_mean = {(r["decoder"], r["regime"]): r["ap_mean"] for r in rows
                     if r["arm"] == "scratch"}
@@ -539,26 +544,74 @@ def summarise(out: Path, records: list[dict]) -> list[dict]:
     # the CNN peer's scratch mean at the same regime (the paper's claim: QEIS vs CNN)
     peer_mean = {r["regime"]: r["ap_mean"] for r in rows
                  if r["decoder"] in PEER_DECODERS and r["arm"] == "scratch"}
+    peer_agnostic = {r["regime"]: r["agnostic_mean"] for r in rows
+                     if r["decoder"] in PEER_DECODERS and r["arm"] == "scratch"}
+    scratch_agnostic = {(r["decoder"], r["regime"]): r["agnostic_mean"] for r in rows
+                        if r["arm"] == "scratch"}
     for r in rows:
         base = peer_mean.get(r["regime"])
         r["vs_peer"] = f"{r['ap_mean'] / base:.2f}x" if base else "-"
+        if r["agnostic_mean"] is not None:
+            base = scratch_agnostic.get((r["decoder"], r["regime"]))
+            r["ratio_agnostic"] = f"{r['agnostic_mean'] / base:.2f}x" if base else "-"
+            base = peer_agnostic.get(r["regime"])
+            r["vs_peer_agnostic"] = f"{r['agnostic_mean'] / base:.2f}x" if base else "-"
     return rows
+
+
+def peer_reach(out: Path, records: list[dict], group: list[dict]) -> str:
+    """Per seed of ``group`` (cells of one decoder, regime and arm): the first validation step
+    at which the cell's AP reaches the Mask R-CNN peer's final validation AP of the same regime
+    and seed ("never" if it does not; "-" without a peer cell)."""
+    finals = {}
+    for r in records:
+        if r["decoder"] in PEER_DECODERS and r["arm"] == "scratch":
+            curve = ap_curve(out / r["run"] / METRICS_FILE)
+            if curve:
+                finals[(r["regime"], r["seed"])] = curve[-1][1]
+    steps = []
+    for r in group:
+        target = finals.get((r["regime"], r["seed"]))
+        curve = ap_curve(out / r["run"] / METRICS_FILE)
+        if target is None or not curve:
+            continue
+        step = steps_to_reach(curve, target)
+        steps.append("never" if step is None else str(step))
+    return ", ".join(steps) or "-"
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The results table; with Mask R-CNN rows, a column of each row's AP over Mask R-CNN's
-    scratch AP at the same regime (mean over seeds)."""
+    scratch AP at the same regime (mean over seeds) and the step at which each seed passes
+    Mask R-CNN's final AP; with class-agnostic APs (real photos), their columns too."""
     peer = any(r["decoder"] in PEER_DECODERS for r in rows)
-    header = ("| decoder | labeled | arm | seeds | mask AP | AP50 | AP75 | AP / scratch | "
-              + ("AP / Mask R-CNN | " if peer else "")
-              + "AP gain over scratch, paired by seed | steps to scratch's final AP (per seed) |\n"
-              + "|---" * (11 if peer else 10) + "|\n")
-    return header + "".join(
-        f"| {r['decoder']} | {format_percent(r['regime'])}% | {r['arm']} | {r['seeds']} | "
-        f"{r['AP']} | {r['AP50']} | {r['AP75']} | {r['ratio']} | "
-        + (f"{r['vs_peer']} | " if peer else "")
-        + f"{r['gain']} | {r['reach']} |\n"
-        for r in rows)
+    agnostic = any(r.get("agnostic_mean") is not None for r in rows)
+    columns = ["decoder", "labeled", "arm", "seeds", "mask AP", "AP50", "AP75", "AP / scratch"]
+    if peer:
+        columns.append("AP / Mask R-CNN")
+    if agnostic:
+        columns += ["class-agnostic AP", "agnostic AP50", "agnostic / scratch"]
+        if peer:
+            columns.append("agnostic / Mask R-CNN")
+    columns += ["AP gain over scratch, paired by seed", "steps to scratch's final AP (per seed)"]
+    if peer:
+        columns.append("step passing Mask R-CNN's final AP (per seed)")
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for r in rows:
+        cells = [r["decoder"], f"{format_percent(r['regime'])}%", r["arm"], str(r["seeds"]),
+                 r["AP"], r["AP50"], r["AP75"], r["ratio"]]
+        if peer:
+            cells.append(r["vs_peer"])
+        if agnostic:
+            cells += [r.get("AP_agnostic") or "-", r.get("AP50_agnostic") or "-",
+                      r.get("ratio_agnostic", "-")]
+            if peer:
+                cells.append(r.get("vs_peer_agnostic", "-"))
+        cells += [r["gain"], r["reach"]]
+        if peer:
+            cells.append(r["peer_reach"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(out: Path, records: list[dict]) -> list[Path]:

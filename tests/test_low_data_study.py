@@ -173,9 +173,22 @@ def test_summary_ratio_paired_gain_and_steps_to_reach(study, tmp_path):
     assert [(r["decoder"], r["arm"], r["vs_peer"]) for r in rows] == [
         ("knet", "scratch", "0.19x"), ("knet", "full", "0.50x"), ("maskrcnn", "scratch", "1.00x")]
     table = study.markdown_table(rows).splitlines()
-    assert table[0].split(" | ")[8] == "AP / Mask R-CNN" and len(table[1].split("|")) == 13
+    assert table[0].split(" | ")[8] == "AP / Mask R-CNN" and len(table[1].split("|")) == 14
     assert table[3].startswith("| knet | 5% | full | 2 | 4.0 ± 1.4 | 7.0 ± 1.4 | 1.5 ± 0.7 | "
                                "2.67x | 0.50x | +2.5 ± 0.7")
+    # the step each seed passes Mask R-CNN's final val AP (8.0, seed 0 only): never for knet,
+    # at its own last evaluation for Mask R-CNN
+    assert table[0].endswith("| step passing Mask R-CNN's final AP (per seed) |")
+    assert [r["peer_reach"] for r in rows] == ["never", "never", "100"]
+
+    # real photos: class-agnostic AP columns, ratios to scratch and to Mask R-CNN
+    for record, value in zip(records, (0.02, 0.04, 0.06, 0.06, 0.05)):
+        record.update(AP_agnostic=value, AP50_agnostic=2 * value)
+    scratch, full, peer = study.summarise(tmp_path, records)
+    assert (full["AP_agnostic"], full["ratio_agnostic"], full["vs_peer_agnostic"]) == (
+        "6.0 ± 0.0", "2.00x", "1.20x")  # vs scratch's mean 3.0 and Mask R-CNN's 5.0
+    header = study.markdown_table([scratch, full, peer]).splitlines()[0]
+    assert "| class-agnostic AP | agnostic AP50 | agnostic / scratch | agnostic / Mask R-CNN |" in header
 
 
 def test_clip_arms_pretrain_on_the_clip_proposers_shards_with_the_text_loss(study, tmp_path):
