@@ -251,3 +251,54 @@ def test_an_unknown_decoder_is_one_error_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: unknown decoder(s) ['yolo']; choose from ['knet', 'mask2former', 'maskrcnn']")
     assert not (tmp_path / "s").exists()
+
+
+def test_real_data_cells_sit_on_one_frozen_backbone_and_report_class_agnostic_ap(study, tmp_path):
+    """The paper's setting on a benchmark given as manifests: every arm and the Mask R-CNN
+    peer load the same backbone checkpoint, frozen in pre-training and (finetune_backbone
+    frozen) in fine-tuning, so each run ends with exactly the planted backbone weights."""
+    pytest.importorskip("lightly")
+    import torch
+
+    from pipeline.synth import write_synth_dataset
+    from stages.backbone import export_backbone
+    from stages.train_checkpoint import latest_checkpoint, load_training_checkpoint
+    from uplvp_model.backbone import build_backbone
+    from uplvp_model.self_supervised import SelfSupervisedModel
+
+    photos = tmp_path / "photos"
+    write_synth_dataset(photos, seed=4, num_unlabeled=6, num_train=10, num_val=3,
+                        image_size=64, progress=False)
+    torch.manual_seed(5)
+    backbone = build_backbone("tiny")
+    with torch.no_grad():  # weights no initialisation of the study (seeds 0..) gives
+        for p in backbone.parameters():
+            p.mul_(0.9)
+    planted = {k: v.clone() for k, v in backbone.body.state_dict().items()
+               if not k.endswith("num_batches_tracked")}
+    checkpoint = tmp_path / "backbone.pt"
+    export_backbone(checkpoint, SelfSupervisedModel(backbone, projection_dim=8, hidden_dim=8,
+                                                    queue_size=4), "tiny", (16, 32, 64, 128))
+    cfg = toy_config(study, data="real", train_manifest=str(photos / "train.yaml"),
+                     val_manifest=str(photos / "val.yaml"),
+                     unlabeled_manifest=str(photos / "unlabeled.yaml"),
+                     backbone_checkpoint=str(checkpoint), finetune_backbone="frozen",
+                     regimes=[100], decoders=["knet", "maskrcnn"])
+    out = tmp_path / "study"
+    study.run_study(cfg, out)
+    records = {(r["decoder"], r["arm"]): r for r in study.read_results(out)}
+    assert sorted(records) == [("knet", "full"), ("knet", "scratch"), ("maskrcnn", "scratch")]
+    assert all(0 <= r["AP_agnostic"] <= 1 and "AP50_agnostic" in r for r in records.values())
+    assert not (out / "data").exists() and (out / "splits" / "train.0@100.yaml").is_file()
+    pretrain = json.loads((out / "pretrain" / "knet-full" / "stage.json").read_text())
+    assert pretrain["config"]["model"]["backbone_checkpoint"] == str(checkpoint)
+    assert pretrain["config"]["model"]["freeze_backbone"] is True
+    for decoder, arm, prefix in (("knet", "scratch", "backbone.body."),
+                                 ("knet", "full", "backbone.body."),
+                                 ("maskrcnn", "scratch", "backbone.body.body.")):
+        run = out / records[(decoder, arm)]["run"]
+        state = load_training_checkpoint(latest_checkpoint(run))["model"]
+        for key, value in planted.items():
+            assert torch.equal(state[prefix + key], value), (decoder, arm, key)
+    text = study.report(out, None)
+    assert "class-agnostic AP" in text and "step passing Mask R-CNN's final AP" in text
