@@ -115,3 +115,29 @@ def test_coco_average_recall_on_planted_masks():
     assert ar["AR@1"] == pytest.approx(0.5)  # only the best-scored mask (a)
     assert ar["AR_small@10"] == pytest.approx(0.85)
     assert np.isnan(ar["AR_large@10"])  # no large instance
+
+
+def test_crop_views_are_the_image_and_half_overlapping_crops():
+    from uplvp_model.proposal.maskcut import crop_views
+
+    image = np.arange(30 * 60 * 3, dtype=np.uint8).reshape(30, 60, 3)
+    views = crop_views(image, 2)
+    assert [offset for _, offset in views] == [(0, 0), (0, 0), (0, 20), (10, 0), (10, 20)]
+    assert views[0][0] is image and all(v.shape == (20, 40, 3) for v, _ in views[1:])
+    assert np.array_equal(views[4][0], image[10:30, 20:60])
+    assert len(crop_views(image, 1)) == 1
+
+
+def test_crops_add_masks_pasted_at_their_place():
+    proposer = build_proposer("maskcut", backbone="tiny", random_weights=True, input_size=64,
+                              min_area=4, num_cuts=2, top_k=None, feature_level="layer2",
+                              nms_iou=1.0, crop_grid=2)
+    image = np.random.default_rng(1).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    whole = build_proposer("maskcut", backbone="tiny", random_weights=True, input_size=64,
+                           min_area=4, num_cuts=2, top_k=None, feature_level="layer2",
+                           nms_iou=1.0).propose([image])[0]
+    masks = proposer.propose([image])[0]
+    # the whole image's cuts are among them (nothing suppressed at nms_iou 1), and more
+    assert len(masks) > len(whole)
+    assert all(any(np.array_equal(w.mask, m.mask) for m in masks) for w in whole)
+    assert all(m.mask.shape == (60, 80) for m in masks)

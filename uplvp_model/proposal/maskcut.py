@@ -18,7 +18,9 @@ cut/assoc(A) + cut/assoc(B)`` in [0, 2]; a segment that barely connects to the r
 1). Masks scoring under ``min_score``, smaller than ``min_area`` pixels (at the image's size) or
 larger than ``max_area_fraction`` of the image are dropped, mask NMS (IoU > ``nms_iou``) keeps
 the first of near-duplicates, at most ``top_k`` (None: no cap) remain. Patch masks reach the
-image through bilinear upsampling of the 0/1 patch grid and a 0.5 threshold. Label ``"object"``; embedding: the normalised features averaged over
+image through bilinear upsampling of the 0/1 patch grid and a 0.5 threshold. With ``crop_grid``
+g > 1 the same runs on each of a g x g grid of half-overlapping crops too (``crop_views``) and
+their masks are pasted back before the filters and NMS. Label ``"object"``; embedding: the normalised features averaged over
 the mask (as ``freemask``).
 """
 from __future__ import annotations
@@ -144,6 +146,7 @@ class MaskCutProposer:
         min_area: int = 32,
         max_area_fraction: float = 1.0,
         min_score: float = 0.0,
+        crop_grid: int = 1,
         random_weights: bool = False,
     ) -> None:
         if checkpoint is None and not random_weights:
@@ -153,6 +156,8 @@ class MaskCutProposer:
             )
         if num_cuts < 1:
             raise ValueError(f"num_cuts must be >= 1, got {num_cuts}")
+        if crop_grid < 1:
+            raise ValueError(f"crop_grid must be >= 1, got {crop_grid}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None (no cap), got {top_k}")
         features = load_feature_backbone(backbone, checkpoint, feature_level, device)
@@ -167,6 +172,7 @@ class MaskCutProposer:
             "input_size": input_size, "tau": tau, "center": center, "num_cuts": num_cuts,
             "nms_iou": nms_iou, "top_k": top_k, "min_area": min_area,
             "max_area_fraction": max_area_fraction, "min_score": min_score,
+            "crop_grid": crop_grid,
         }
 
     def config(self) -> dict[str, Any]:
@@ -179,11 +185,24 @@ class MaskCutProposer:
         if not images:
             return []
         size = self._settings["input_size"]
-        canvas, boxes = letterbox_batch(images, size, IMAGENET_MEAN, IMAGENET_STD)
-        features = self.backbone(torch.from_numpy(canvas).to(self.device))
-        return [self._image_masks(features[i].float().cpu(), box) for i, box in enumerate(boxes)]
+        if self._settings["crop_grid"] == 1:  # one view per image: batch the images
+            canvas, boxes = letterbox_batch(images, size, IMAGENET_MEAN, IMAGENET_STD)
+            features = self.backbone(torch.from_numpy(canvas).to(self.device)).float().cpu()
+            return [self._select([(cut, (0, 0)) for cut in self._view_cuts(features[i], box)],
+                                 features[i], box) for i, box in enumerate(boxes)]
+        results = []
+        for image in images:  # the whole image and its crops, one batch per image
+            views = crop_views(image, self._settings["crop_grid"])
+            canvas, boxes = letterbox_batch([v for v, _ in views], size, IMAGENET_MEAN,
+                                            IMAGENET_STD)
+            features = self.backbone(torch.from_numpy(canvas).to(self.device)).float().cpu()
+            cuts = [(cut, offset) for (_, offset), f, box in zip(views, features, boxes)
+                    for cut in self._view_cuts(f, box)]
+            results.append(self._select(cuts, features[0], boxes[0]))
+        return results
 
-    def _image_masks(self, features: torch.Tensor, box: Letterbox) -> list[ProposedMask]:
+    def _view_cuts(self, features: torch.Tensor, box: Letterbox) -> list[tuple[np.ndarray, float]]:
+        """MaskCut on one letterboxed view: (bool mask at the view's size, score) pairs."""
         s = self._settings
         valid_h = math.ceil(box.scaled_height / self.stride)
         valid_w = math.ceil(box.scaled_width / self.stride)
@@ -200,18 +219,48 @@ class MaskCutProposer:
                                   align_corners=False)[:, :, : box.scaled_height, : box.scaled_width]
         upsampled = F.interpolate(upsampled, size=(box.height, box.width), mode="bilinear",
                                   align_corners=False)[0]
-        masks = (upsampled > 0.5).numpy()
-        scores = np.asarray([score for _, score in cuts])
-        max_area = s["max_area_fraction"] * box.height * box.width
-        keep = [i for i in range(len(masks)) if s["min_area"] <= masks[i].sum() <= max_area]
-        if not keep:
+        return [(mask, score) for mask, (_, score) in zip((upsampled > 0.5).numpy(), cuts)]
+
+    def _select(self, cuts: list[tuple[tuple[np.ndarray, float], tuple[int, int]]],
+                features: torch.Tensor, box: Letterbox) -> list[ProposedMask]:
+        """The image's masks from the cuts of its views (pasted at their offsets): area
+        filters, NMS, cap; embeddings pooled from the whole image's features."""
+        s = self._settings
+        height, width = box.height, box.width
+        max_area = s["max_area_fraction"] * height * width
+        masks, scores = [], []
+        for (view_mask, score), (y0, x0) in cuts:
+            mask = np.zeros((height, width), dtype=bool)
+            mask[y0:y0 + view_mask.shape[0], x0:x0 + view_mask.shape[1]] = view_mask
+            if s["min_area"] <= mask.sum() <= max_area:
+                masks.append(mask)
+                scores.append(score)
+        if not masks:
             return []
-        masks, scores = masks[keep], scores[keep]
+        masks, scores = np.stack(masks), np.asarray(scores)
         kept = mask_nms(masks, scores, s["nms_iou"], max_keep=s["top_k"])
-        dense = F.normalize(features, dim=0).numpy()
+        valid_h = math.ceil(box.scaled_height / self.stride)
+        valid_w = math.ceil(box.scaled_width / self.stride)
+        canvas_hw = (valid_h * self.stride, valid_w * self.stride)
+        dense = F.normalize(features[:, :valid_h, :valid_w], dim=0).numpy()
         return [
             ProposedMask(mask=masks[i], score=float(scores[i]), label="object", label_index=0,
                          embedding=mask_pooled_embedding(dense, mask_to_canvas(masks[i], box,
                                                                                canvas_hw)))
             for i in kept
         ]
+
+
+def crop_views(image: np.ndarray, grid: int) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """The whole image and, for ``grid`` g > 1, a g x g grid of overlapping crops, each
+    ``2 / (g + 1)`` of the image's height and width, at steps of ``1 / (g + 1)`` (half-overlap):
+    ``[(view, (y0, x0)), ...]``, the whole image first."""
+    height, width = image.shape[:2]
+    views = [(image, (0, 0))]
+    if grid > 1:
+        crop_h, crop_w = 2 * height // (grid + 1), 2 * width // (grid + 1)
+        for i in range(grid):
+            for j in range(grid):
+                y0, x0 = i * height // (grid + 1), j * width // (grid + 1)
+                views.append((image[y0:y0 + crop_h, x0:x0 + crop_w], (y0, x0)))
+    return views
