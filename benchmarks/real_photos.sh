@@ -39,7 +39,7 @@ if [ ! -f "$OUT/tune/tune.yaml" ]; then
     cp "$OUT/tune/instances_train.1@34.yaml" "$OUT/tune/tune.yaml"
 fi
 GRID='{"freemask": {"threshold": [0.3, 0.5], "min_score": [0.3, 0.5]},
-       "maskcut": {"tau": [0.0, 0.2, 0.4], "num_cuts": [3, 10]}}'
+       "maskcut": {"tau": [0.0, 0.2, 0.4], "num_cuts": [4], "crop_grid": [1, 2]}}'
 for backbone in "$MOCO" "$DENSE" "$LITE"; do
     tag=$(basename "$backbone" .pt)
     if [ ! -f "$OUT/grid_$tag.txt" ]; then
