@@ -23,7 +23,13 @@ from pipeline.ssl_views import view_loader
 from stages.config import StageConfig
 from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
 from uplvp_model.backbone import build_backbone
-from uplvp_model.checkpoint import BACKBONE_FILE, load_backbone_checkpoint, save_state
+from uplvp_model.checkpoint import (
+    BACKBONE_FILE,
+    load_backbone_checkpoint,
+    load_model_state,
+    save_state,
+)
+from uplvp_model.imagenet_weights import IMAGENET, imagenet_lite0_state
 from uplvp_model.config import model_config
 from uplvp_model.self_supervised import SelfSupervisedModel, backbone_state
 
@@ -64,8 +70,10 @@ class ViewsSection(BaseModel):
 class BackboneConfig(StageConfig):
     images: Path  # manifest of the unlabeled images (labels, if any, are not read)
     out: Path
-    preset: Literal["tiny", "small", "base"] = "small"  # which backbone: the model preset's
-    init: str | None = None  # backbone weights to start from (e.g. ImageNet); None: random
+    preset: Literal["tiny", "small", "lite", "base"] = "small"  # which backbone: the model preset's
+    # backbone weights to start from: a file / run folder, or "imagenet" (the lite preset's
+    # installable ImageNet weights); None: random
+    init: str | None = None
     objective: ObjectiveSection = ObjectiveSection()
     data: ViewsSection = ViewsSection()
     # MoCo v2's recipe: SGD, lr 0.03 per 256 images, weight decay 1e-4, cosine, no clipping
@@ -99,7 +107,7 @@ def run_backbone(cfg: BackboneConfig, progress: bool = True) -> dict:
     init_report = None
     if cfg.init is not None:
         try:
-            init_report = load_backbone_checkpoint(backbone.body, cfg.init)
+            init_report = load_init(backbone, name, cfg.init)
         except ValueError as err:
             raise InputError(f"init: {err}") from None
     o = cfg.objective
@@ -154,3 +162,19 @@ def export_backbone(path: Path, model: SelfSupervisedModel, name: str,
     ``extra`` (objective, step, init, config hash), atomically."""
     save_state(path, backbone_state(model), {
         "stage": "backbone", "backbone": name, "tiny_channels": list(tiny_channels), **extra})
+
+
+def load_init(backbone, name: str, init: str):
+    """Load the stage's starting weights into ``backbone.body`` (strictly): ``imagenet``, the
+    installable EfficientNet-Lite0 ImageNet weights (``lite`` preset), or any backbone
+    checkpoint file / run folder. Returns the load report; ``ValueError`` on a misfit."""
+    if init != IMAGENET:
+        return load_backbone_checkpoint(backbone.body, init)
+    if name != "efficientnet_lite0":
+        raise ValueError(f"'imagenet' weights exist for the lite preset (EfficientNet-Lite0) "
+                         f"only, not for {name}")
+    report = load_model_state(backbone.body, imagenet_lite0_state())
+    misfit = report.misfit()
+    if misfit:
+        raise ValueError(f"ImageNet EfficientNet-Lite0 weights do not fit: {misfit}")
+    return report

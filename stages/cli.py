@@ -142,7 +142,7 @@ BackboneLrOpt = typer.Option(
     None, "--backbone-lr-mult", help="Backbone learning rate / --lr (default 1; Mask2Former: 0.1).")
 # options that pretrain and finetune share (their defaults live in the stage configs)
 RunOutOpt = typer.Option(None, "--out", help="Run folder (checkpoints/, metrics).")
-PresetOpt = typer.Option(None, "--preset", help="Model preset: tiny | small (default) | base.")
+PresetOpt = typer.Option(None, "--preset", help="Model preset: tiny | small (default) | lite | base.")
 DecoderOpt = typer.Option(None, "--decoder", help="knet (default) | mask2former.")
 BatchSizeOpt = typer.Option(None, "--batch-size", help="Global batch size (default 16).")
 LrOpt = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4).")
@@ -172,10 +172,10 @@ def stage_backbone(
     images: Optional[Path] = typer.Option(None, "--images", help="Manifest of the unlabeled images."),
     out: Optional[Path] = RunOutOpt,
     preset: Optional[str] = typer.Option(
-        None, "--preset", help="Whose backbone: tiny | small (default, ResNet-18) | base (ResNet-50)."),
+        None, "--preset", help="Whose backbone: tiny | small (default, ResNet-18) | lite (EfficientNet-Lite0) | base (ResNet-50)."),
     objective: Optional[str] = typer.Option(None, "--objective", help="mocov2 (default) | densecl."),
     init: Optional[str] = typer.Option(
-        None, "--init", help="Backbone weights to start from (e.g. ImageNet); default random."),
+        None, "--init", help="Backbone weights to start from: a file, a run, or 'imagenet' (lite); default random."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="View side in px (default 224)."),
     queue_size: Optional[int] = typer.Option(
         None, "--queue-size", help="Negatives queue (default 4096; under half the images)."),

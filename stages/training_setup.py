@@ -18,7 +18,7 @@ from uplvp_model.config import ModelConfig, model_config
 class ModelSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    preset: Literal["tiny", "small", "base"] = "small"
+    preset: Literal["tiny", "small", "lite", "base"] = "small"
     decoder: Literal["knet", "mask2former"] = "knet"
     backbone_checkpoint: str | None = None
     # the backbone's BatchNorm: auto = frozen with a backbone checkpoint, else bn (docs/model.md)

