@@ -42,7 +42,7 @@ GRID='{"freemask": {"threshold": [0.3, 0.5], "min_score": [0.3, 0.5]},
        "maskcut": {"tau": [0.0, 0.2, 0.4], "num_cuts": [4], "crop_grid": [1, 2]}}'
 for backbone in "$MOCO" "$DENSE" "$LITE"; do
     tag=$(basename "$backbone" .pt)
-    if [ ! -f "$OUT/grid_$tag.txt" ]; then
+    if [ "$(grep -c '^best on tune: ' "$OUT/grid_$tag.log" 2>/dev/null)" != 2 ]; then
         $PY benchmarks/propose_quality.py --data "$OUT/tune" --splits tune --tune-split tune \
             --proposers freemask maskcut --backbone-checkpoint "$backbone" --brief \
             --grid "$GRID" > "$OUT/grid_$tag.log"
@@ -55,11 +55,14 @@ cat "$OUT"/grid_*.txt > "$RESULTS/propose_grid_coco.txt"
 best() {  # the options chosen for proposer $2 on backbone $1's grid
     grep "^best on tune: " "$OUT/grid_$1.log" | sed -n "$2p" | sed 's/^best on tune: //; s/ (AR@20.*$//'
 }
+done_file() { grep -q "^COCO class-agnostic" "$1" 2>/dev/null; }  # a finished report
 if [ ! -f "$OUT/quality.txt" ]; then
-    $PY benchmarks/propose_quality.py --data "$DATA" --splits val train --proposers classical \
-        --brief > "$OUT/quality_classical.txt"
+    done_file "$OUT/quality_classical.txt" || \
+        $PY benchmarks/propose_quality.py --data "$DATA" --splits val train \
+            --proposers classical --brief > "$OUT/quality_classical.txt"
     for backbone in "$MOCO" "$DENSE" "$LITE"; do
         tag=$(basename "$backbone" .pt)
+        done_file "$OUT/quality_$tag.txt" && continue
         options="{\"freemask\": $(best "$tag" 1), \"maskcut\": $(best "$tag" 2)}"
         $PY benchmarks/propose_quality.py --data "$DATA" --splits val train \
             --proposers freemask maskcut --backbone-checkpoint "$backbone" \
