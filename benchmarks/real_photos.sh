@@ -5,7 +5,8 @@
 #   bash benchmarks/real_photos.sh runs/real_photos    # after the two backbone runs below
 #
 # Needs: the backbone runs (benchmarks/backbone/coco_r18_{mocov2,densecl}.yaml, ~2 h each on one
-# core) in runs/backbone_r18_{mocov2,densecl}; ../shared/data (the COCO sets). Steps whose output
+# core; coco_lite_imagenet_densecl.yaml, ~45 min) in runs/backbone_r18_{mocov2,densecl} and
+# runs/backbone_lite_imagenet_densecl; ../shared/data (the COCO sets). Steps whose output
 # file exists are skipped (delete it to redo). Outputs, kept in benchmarks/results/:
 #   backbone_probe_coco.txt      k-NN / linear probes on instance crops, random vs trained
 #   propose_grid_coco.txt        options of freemask / maskcut chosen per backbone by COCO AR@20
@@ -24,12 +25,13 @@ mkdir -p "$OUT"
 
 MOCO=runs/backbone_r18_mocov2
 DENSE=runs/backbone_r18_densecl
-LITE="$OUT/lite0_imagenet.pt"
+LITE="$OUT/lite0_imagenet.pt"                 # EfficientNet-Lite0, ImageNet weights as installed
+LITESSL=runs/backbone_lite_imagenet_densecl    # the same, then DenseCL on the unlabeled photos
 [ -f "$LITE" ] || $PY benchmarks/imagenet_backbone.py --out "$LITE"
 
 if [ ! -f "$RESULTS/backbone_probe_coco.txt" ]; then
     $PY benchmarks/backbone_probe.py --data "$DATA" --preset small \
-        --checkpoints random "$MOCO" "$DENSE" "$LITE" | tee "$OUT/probe.txt"
+        --checkpoints random "$MOCO" "$DENSE" "$LITE" "$LITESSL" | tee "$OUT/probe.txt"
     cp "$OUT/probe.txt" "$RESULTS/backbone_probe_coco.txt"
 fi
 
@@ -40,7 +42,7 @@ if [ ! -f "$OUT/tune/tune.yaml" ]; then
 fi
 GRID='{"freemask": {"threshold": [0.3, 0.5], "min_score": [0.3, 0.5]},
        "maskcut": {"tau": [0.0, 0.2, 0.4], "num_cuts": [4], "crop_grid": [1, 2]}}'
-for backbone in "$MOCO" "$DENSE" "$LITE"; do
+for backbone in "$MOCO" "$DENSE" "$LITE" "$LITESSL"; do
     tag=$(basename "$backbone" .pt)
     if [ "$(grep -c '^best on tune: ' "$OUT/grid_$tag.log" 2>/dev/null)" != 2 ]; then
         $PY benchmarks/propose_quality.py --data "$OUT/tune" --splits tune --tune-split tune \
@@ -60,7 +62,7 @@ if [ ! -f "$OUT/quality.txt" ]; then
     done_file "$OUT/quality_classical.txt" || \
         $PY benchmarks/propose_quality.py --data "$DATA" --splits val train \
             --proposers classical --brief > "$OUT/quality_classical.txt"
-    for backbone in "$MOCO" "$DENSE" "$LITE"; do
+    for backbone in "$MOCO" "$DENSE" "$LITE" "$LITESSL"; do
         tag=$(basename "$backbone" .pt)
         done_file "$OUT/quality_$tag.txt" && continue
         options="{\"freemask\": $(best "$tag" 1), \"maskcut\": $(best "$tag" 2)}"
@@ -68,7 +70,8 @@ if [ ! -f "$OUT/quality.txt" ]; then
             --proposers freemask maskcut --backbone-checkpoint "$backbone" \
             --proposer-options "$options" --brief > "$OUT/quality_$tag.txt"
     done
-    cat "$OUT"/quality_classical.txt "$OUT"/quality_backbone_*.txt "$OUT"/quality_lite0*.txt \
+    cat "$OUT"/quality_classical.txt "$OUT"/quality_backbone_r18_*.txt "$OUT"/quality_lite0*.txt \
+        "$OUT"/quality_backbone_lite*.txt \
         | grep -v "^propose: \|already complete\|^images ok\|^propose done" > "$OUT/quality.txt"
     cp "$OUT/quality.txt" "$RESULTS/propose_quality_coco.txt"
 fi
