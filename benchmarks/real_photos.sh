@@ -52,7 +52,7 @@ for backbone in "$MOCO" "$DENSE" "$LITE" "$LITESSL"; do
             > "$OUT/grid_$tag.txt"
     fi
 done
-cat "$OUT"/grid_*.txt > "$RESULTS/propose_grid_coco.txt"
+cat "$OUT"/grid_*.txt | grep -v "^\['" > "$RESULTS/propose_grid_coco.txt"  # the tables
 
 best() {  # the options chosen for proposer $2 on backbone $1's grid
     grep "^best on tune: " "$OUT/grid_$1.log" | sed -n "$2p" | sed 's/^best on tune: //; s/ (AR@20.*$//'
