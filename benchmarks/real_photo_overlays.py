@@ -12,6 +12,11 @@ panel is scaled to ``--width`` px; the printed lines name each photo's licence a
 source for the attribution the licence asks for. Panels: ``ground truth`` (non-crowd
 instances), then per run the masks pre-training keeps (``MaskFilter``: score >= 0.5, area >= 32,
 best 20) over the photo.
+
+``--masks-only`` draws the same masks on a plain grey canvas instead of the photo: what the docs
+keep (the data's README asks that its images not be redistributed with the project; COCO's
+annotations are CC BY 4.0), while the photo overlays stay on the machine that made them. Any
+photo may be drawn that way.
 """
 from __future__ import annotations
 
@@ -56,6 +61,8 @@ def main() -> None:
                         help="NAME=JSON of ProposeConfig fields (repeatable)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--width", type=int, default=320)
+    parser.add_argument("--masks-only", action="store_true",
+                        help="draw the masks on a grey canvas, not on the photo")
     args = parser.parse_args()
 
     dataset = load_manifest(args.data)
@@ -64,7 +71,7 @@ def main() -> None:
     for image_id in args.image_ids:
         if image_id not in records:
             raise SystemExit(f"error: image id {image_id} is not in {args.data}")
-        if records[image_id].get("license") not in SHAREABLE_LICENSES:
+        if not args.masks_only and records[image_id].get("license") not in SHAREABLE_LICENSES:
             raise SystemExit(f"error: image {image_id}'s licence ({records[image_id].get('license')})"
                              " does not allow sharing a changed copy; choose another photo")
     runs = []
@@ -97,6 +104,8 @@ def main() -> None:
             masks_by_run[name] = masks[keep]
         for record in chosen:
             image = read_image_rgb(record.path)
+            if args.masks_only:  # the geometry only, not the photo's pixels
+                image = np.full_like(image, 96)
             h, w = image.shape[:2]
             truth = np.stack([mask_utils.decode(rle).astype(bool) for _, _, rle in gt[record.image_id]]
                              ) if gt[record.image_id] else np.zeros((0, h, w), bool)
