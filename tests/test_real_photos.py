@@ -61,3 +61,38 @@ def test_views_of_real_photos_are_deterministic(tmp_path):
         assert torch.equal(x["view_q"], y["view_q"]) and torch.equal(x["view_k"], y["view_k"])
     assert not torch.equal(a[0]["view_q"], a[1]["view_q"])
     assert np.isfinite(torch.stack([x["view_k"] for x in a]).numpy()).all()
+
+
+def test_overlays_refuse_a_photo_whose_licence_forbids_changes_unless_masks_only(tmp_path):
+    import subprocess
+    import sys
+
+    import cv2
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "real_photo_overlays.py"
+    val = DATA / "coco_small" / "val.yaml"
+    coco = json.loads((DATA / "coco_small" / "instances_val.json").read_text())
+    image_id = next(im["id"] for im in coco["images"] if im["license"] == 3)  # CC BY-NC-ND
+    args = [sys.executable, str(script), "--data", str(val), "--image-ids", str(image_id),
+            "--run", 'classical={"proposer": "classical"}', "--out", str(tmp_path), "--width", "200"]
+    refused = subprocess.run(args, capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1])
+    assert refused.returncode == 1 and "does not allow sharing" in refused.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+    drawn = subprocess.run(args + ["--masks-only"], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parents[1])
+    assert drawn.returncode == 0, drawn.stderr
+    (png,) = tmp_path.glob(f"overlay_{image_id}.png")
+    picture = cv2.imread(str(png))
+    assert picture.shape[1] == 2 * (200 + 4)  # ground truth + one run, 4 px gaps
+    # the photo is not in it: a grey canvas with flat mask colours blended over it has a few
+    # hundred distinct colours at most, the photo scaled to the same width tens of thousands
+    from pipeline.images import read_image_rgb
+    record = next(im for im in coco["images"] if im["id"] == image_id)
+    photo = read_image_rgb(DATA / "coco_small" / "images" / record["file_name"])
+    photo = cv2.resize(photo, (200, round(photo.shape[0] * 200 / photo.shape[1])),
+                       interpolation=cv2.INTER_AREA)
+    body = picture[30:photo.shape[0], :200].reshape(-1, 3)
+    photo_colours = len(np.unique(photo.reshape(-1, 3), axis=0))
+    assert len(np.unique(body, axis=0)) * 10 < photo_colours
