@@ -29,6 +29,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from .base import Letterbox, ProposedMask, letterbox_batch, mask_to_canvas
 from .ingredients import mask_pooled_embedding
 from .masks import masks_from_probability_maps
+from .shipped import is_shipped, shipped_model
 from .text import TEXT_EMBEDDING_CACHE, TextEmbeddingCache
 from .vocabulary import (
     BACKGROUND_WORDS,
@@ -120,6 +121,8 @@ def load_clip(
     Ray worker that builds the proposer registers it too).
     Raises ``ValueError`` for anything else.
     """
+    if checkpoint is None and is_shipped(model_name):  # a model the package ships, by name
+        checkpoint = LOCAL_DIR_PREFIX + str(shipped_model(model_name).folder)  # sha256 checked
     model_name = register_model_config(model_name)
     common = {"device": device, "pretrained_image": False, "pretrained_text": False}
     mean: tuple[float, ...] | None = None
@@ -314,7 +317,7 @@ class ClipProposer:
         if dense_recipe not in DENSE_RECIPES:
             raise ValueError(f"clip proposer option dense_recipe must be one of {DENSE_RECIPES}, "
                              f"got {dense_recipe!r}")
-        if checkpoint is None and not random_weights:
+        if checkpoint is None and not random_weights and not is_shipped(model_name):
             raise ValueError(
                 "no CLIP checkpoint given: random weights give meaningless masks; pass a "
                 "checkpoint, or random_weights=True for a speed or test run"
