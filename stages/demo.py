@@ -142,6 +142,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     print_comparison(summary)
     summary["timings_seconds"] = timings
     summary["seconds"] = round(time.perf_counter() - t0, 1)
+    console.print(format_timings(timings, summary["seconds"]))
     write_json_atomic(out / "demo_summary.json", summary, indent=2)
     write_run_record(out, stage="demo", config=cfg.resolved(), config_hash=cfg.config_hash(),
                      inputs={}, counts=summary, started_at=started)
@@ -153,6 +154,14 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         "and the effect of pre-training at toy scale, not CLIP quality."
     )
     return summary
+
+
+def format_timings(timings: dict[str, float], total: float) -> str:
+    """One line: each stage's seconds in run order, then the total (the demo's wall time,
+    evaluation and predictions included in their arm's stage)."""
+    parts = [f"{name.split(' (')[0] if not name.startswith('finetune') else name} {seconds:.1f} s"
+             for name, seconds in timings.items()]
+    return f"seconds per stage: {', '.join(parts)}; total {total:.1f} s"
 
 
 def demo_data_section(cfg: DemoConfig) -> DataSection:

@@ -5,7 +5,7 @@ import re
 from typer.testing import CliRunner
 
 from stages.cli import app
-from stages.demo import DemoConfig, demo_data_section
+from stages.demo import DemoConfig, demo_data_section, format_timings
 
 # what may differ between the two fine-tuning arms: where they start and where they write
 ARM_FIELDS = {"init", "out"}
@@ -48,6 +48,14 @@ def test_demo_runs_every_stage_and_reports_both_arms(tmp_path):
     assert scratch["init"] == "none" and pre["init"] == str(out / "pretrain")
     assert pre["train"]["seed"] == 3 and pre["data"]["seed"] == 3
     assert (out / "ap_curves.png").stat().st_size > 1000
+    # the seconds of each stage are printed, as the summary keeps them
+    timings = summary["timings_seconds"]
+    assert list(timings) == ["synthetic data", "propose (classical proposer: weight-free, no CLIP)",
+                             "pretrain", "finetune (pretrained)", "finetune (scratch)"]
+    line = " ".join(result.output.split())
+    assert (f"seconds per stage: synthetic data {timings['synthetic data']:.1f} s, propose "
+            f"{timings['propose (classical proposer: weight-free, no CLIP)']:.1f} s") in line
+    assert f"finetune (scratch) {timings['finetune (scratch)']:.1f} s; total {summary['seconds']:.1f} s" in line
     # rerunning resumes: every stage finds its outputs complete
     again = CliRunner().invoke(app, ["demo", "--out", str(out), "--config", str(config),
                                      "--seed", "3", "--no-progress"])
@@ -73,3 +81,10 @@ def test_demo_help_states_the_config_defaults():
         in section
     assert (f"`--finetune-steps <int>`: Fine-tuning steps of each arm "
             f"(default {defaults.finetune_steps}).") in section
+
+
+def test_stage_seconds_line():
+    line = format_timings({"synthetic data": 1.04, "propose (classical proposer)": 20.0,
+                           "pretrain": 300.25, "finetune (scratch)": 99.9}, 421.2)
+    assert line == ("seconds per stage: synthetic data 1.0 s, propose 20.0 s, pretrain 300.2 s, "
+                    "finetune (scratch) 99.9 s; total 421.2 s")
