@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/train_clip.py                      # defaults, see below
     .venv/bin/python benchmarks/train_clip.py --out runs/clip_quick --steps 20 --train-images 256
+    .venv/bin/python benchmarks/train_clip.py --steps 3000 --resume   # a long run, across sessions
+
+Long runs: ``OUT/train_state.pt`` is written every ``--checkpoint-every`` steps (weights,
+optimizer, both sampling generators, the order queue, the history); ``--resume`` continues from
+it and ends with the weights an uninterrupted run ends with (tests/test_train_clip.py), and
+refuses a state written with other training settings; ``--stop-after N`` stops after step N.
 
 No CLIP weights can be downloaded here, so the ``clip`` proposer had only ever run on random
 weights. This command trains one from scratch, contrastively, on the synthetic scenes of
@@ -704,6 +710,52 @@ def save_outputs(out: Path, config: Path, name: str, model, metrics: dict) -> di
     return paths
 
 
+TRAIN_STATE_FILE = "train_state.pt"
+# settings a resumed run must share with the run that wrote its state (the rest, e.g. threads,
+# logging or where to stop, may change between sessions)
+RESUME_KEYS = ("config", "seed", "train_images", "base_size", "steps", "batch_size", "lr",
+               "warmup", "weight_decay", "clip_grad", "dense_weight", "crop_fraction",
+               "recolour_fraction", "dense_objects", "bare_prompt_p")
+
+
+def _resume_settings(args: argparse.Namespace) -> dict:
+    return {k: str(getattr(args, k)) if isinstance(getattr(args, k), Path) else getattr(args, k)
+            for k in RESUME_KEYS}
+
+
+def save_train_state(path: Path, args, step: int, model, optimizer, order_rng, caption_rng,
+                     queue: list[int], history: list[dict]) -> None:
+    """Everything the loop needs to continue exactly: weights, optimizer, both generators, the
+    order queue, the history so far; written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format_version": 1, "step": step, "settings": _resume_settings(args),
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "order_rng": order_rng.bit_generator.state,
+             "caption_rng": caption_rng.bit_generator.state, "queue": list(queue),
+             "history": json.dumps(history), "torch_rng": torch.get_rng_state()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_train_state(path: Path, args, model, optimizer, order_rng, caption_rng):
+    """Restore a state of ``save_train_state``; refuses one written with other settings."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format_version") != 1:
+        raise SystemExit(f"error: {path}: format_version {state.get('format_version')!r} is not 1")
+    ours = _resume_settings(args)
+    changed = [k for k in RESUME_KEYS if state["settings"].get(k) != ours[k]]
+    if changed:
+        raise SystemExit(f"error: {path} was written with other settings ({', '.join(changed)}); "
+                         "use the same ones to resume, or another --out")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    order_rng.bit_generator.state = state["order_rng"]
+    caption_rng.bit_generator.state = state["caption_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), list(state["queue"]), json.loads(state["history"])
+
+
 def train(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     t0 = time.perf_counter()  # data first: the generator processes fork before torch computes
@@ -741,9 +793,16 @@ def train(args: argparse.Namespace) -> dict:
     caption_rng = np.random.default_rng(np.random.SeedSequence([args.seed, 3]))
     queue: list[int] = []
     history = []
+    start = 0
+    state_path = Path(args.out) / TRAIN_STATE_FILE
+    if args.resume and state_path.is_file():
+        start, queue, history = load_train_state(state_path, args, model, optimizer, order_rng,
+                                                 caption_rng)
+        print(f"resumed from {state_path} at step {start}/{args.steps}", flush=True)
+    stop = min(args.steps, args.stop_after) if args.stop_after else args.steps
     t_train = time.perf_counter()
     t_window, window_loss, window_steps = t_train, [], 0
-    for step in range(args.steps):
+    for step in range(start, stop):
         while len(queue) < args.batch_size:
             queue.extend(order_rng.permutation(len(train_scenes)).tolist())
         picked, queue = queue[: args.batch_size], queue[args.batch_size :]
@@ -784,7 +843,14 @@ def train(args: argparse.Namespace) -> dict:
             print(format_metrics(f"step {step + 1} (eval {time.perf_counter() - t_eval:.1f} s)", middle),
                   flush=True)
             t_window += time.perf_counter() - t_eval  # s/step counts training only
+        if args.checkpoint_every and ((step + 1) % args.checkpoint_every == 0 or step + 1 == stop):
+            save_train_state(state_path, args, step + 1, model, optimizer, order_rng, caption_rng,
+                             queue, history)
     train_s = time.perf_counter() - t_train
+    if stop < args.steps:
+        print(f"stopped after step {stop}/{args.steps} (--stop-after); rerun with --resume to "
+              "continue", flush=True)
+        return {"paths": {"state": state_path}, "metrics": {"history": history}, "model": model}
 
     t0 = time.perf_counter()
     model.eval()
@@ -842,6 +908,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--eval-every", type=int, default=0,
                         help="also evaluate every N steps (0: only before and after training)")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="write OUT/train_state.pt every N steps (0: never), for --resume")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/train_state.pt exactly (same settings required)")
+    parser.add_argument("--stop-after", type=int, default=0,
+                        help="stop after this step, state saved (split a long run); 0: run all")
     return parser.parse_args(argv)
 
 

@@ -186,3 +186,21 @@ def test_tiny_run_writes_a_checkpoint_that_load_clip_loads(tiny_config, tmp_path
     again = tc.train(tc.parse_args(_tiny_args(tiny_config, tmp_path / "again")))
     for key, value in again["model"].state_dict().items():  # seeded: the same weights
         assert torch.equal(value, trained[key]), key
+
+
+def test_a_stopped_and_resumed_run_ends_with_the_uninterrupted_weights(tiny_config, tmp_path):
+    args = _tiny_args(tiny_config, tmp_path / "whole") + ["--steps", "4", "--eval-images", "0",
+                                                          "--checkpoint-every", "1"]
+    whole = tc.train(tc.parse_args(args))["model"].state_dict()
+    split = [a if a != str(tmp_path / "whole") else str(tmp_path / "split") for a in args]
+    first = tc.train(tc.parse_args(split + ["--stop-after", "2"]))
+    assert (tmp_path / "split" / tc.TRAIN_STATE_FILE).is_file()
+    assert not (tmp_path / "split" / "tiny-train-clip.pt").exists()  # not finished
+    assert not torch.equal(first["model"].state_dict()["visual.proj"], whole["visual.proj"])
+    resumed = tc.train(tc.parse_args(split + ["--resume"]))
+    for key, value in resumed["model"].state_dict().items():
+        assert torch.equal(value, whole[key]), key
+    history = json.loads((tmp_path / "split" / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
+        tc.train(tc.parse_args(split + ["--resume", "--lr", "0.5"]))
