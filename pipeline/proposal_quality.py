@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
+from pipeline.coco import ground_truth_rles
 from pipeline.shard_dataset import MaskFilter, kept_rows
 
 SIZE_BUCKETS: tuple[tuple[str, float, float], ...] = (
@@ -203,3 +205,27 @@ def _quiet():
     import io
 
     return contextlib.redirect_stdout(io.StringIO())
+
+
+def quality_against(masks: pd.DataFrame, images: pd.DataFrame, coco: dict,
+                    mask_filter: MaskFilter, iou_threshold: float = 0.5) -> dict[str, float]:
+    """Pseudo masks of a propose run (its ``masks`` and ``images`` tables) against ``coco``'s
+    instances, images matched by file name: masks per image, recall, precision and label
+    accuracy at ``iou_threshold``, for every mask and for those ``mask_filter`` keeps."""
+    by_name = {img["file_name"]: img["id"] for img in coco["images"]}
+    ids = {int(i): by_name[Path(p).name] for i, p in zip(images["image_id"], images["image_path"])}
+    masks = masks.assign(image_id=[ids[int(i)] for i in masks["image_id"]])
+    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
+    gt = ground_truth_rles(coco)
+    gt = {image_id: gt.get(image_id, []) for image_id in set(ids.values())}
+    table = match_masks(masks, gt, sizes, iou_threshold)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    every = np.ones(len(table.pred_image), bool)
+    kept = filter_keep(table, mask_filter)
+    return {"images": table.num_images, "instances": len(table.gt_category),
+            "masks_per_image": masks_per_image(table, every), "recall": recall(table, every),
+            "precision": precision(table, every),
+            "label_accuracy": label_accuracy(table, every, names),
+            "kept_masks_per_image": masks_per_image(table, kept),
+            "kept_recall": recall(table, kept), "kept_precision": precision(table, kept),
+            "kept_label_accuracy": label_accuracy(table, kept, names)}

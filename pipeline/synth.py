@@ -69,6 +69,7 @@ BASE_SHAPES: tuple[tuple[int, int], ...] = ((96, 128), (120, 160), (128, 128), (
 SIZE_RANGES: tuple[tuple[float, float], ...] = ((0.05, 0.09), (0.09, 0.16), (0.16, 0.26))
 SIZE_PROBS: tuple[float, ...] = (0.35, 0.4, 0.25)
 SPLITS: tuple[str, ...] = ("unlabeled", "train", "val")
+UNLABELED_TRUTH_FILE = "generator_annotations.json"  # unlabeled/: what the generator drew
 
 Instance = tuple[int, np.ndarray]  # (category_id, visible mask bool (H, W))
 
@@ -511,7 +512,9 @@ def write_synth_dataset(
     Writes ``{split}/images/{split}_{index:06d}.png`` for the splits ``unlabeled``, ``train``
     and ``val``; ``train/annotations.json`` and ``val/annotations.json`` (COCO instances,
     polygon segmentations, image ids 1..N, annotation ids 1..M per file); and the manifests
-    ``unlabeled.yaml`` (images only), ``train.yaml``, ``val.yaml``. Generated images of a split
+    ``unlabeled.yaml`` (images only), ``train.yaml``, ``val.yaml``; and
+    ``unlabeled/generator_annotations.json``, the unlabeled images' instances as the generator
+    drew them (named by no manifest: for measuring pseudo masks, never for training). Generated images of a split
     left over from an earlier, larger run in the same folder are removed.
 
     Summary: ``{"out_dir", "seed", "image_size", "categories": [names],
@@ -550,6 +553,14 @@ def write_synth_dataset(
             if split == "unlabeled":
                 write_manifest(manifest, f"synth-{split}", out / split / "images", glob="*.png")
                 n_instances = 0
+                # what the generator drew, for measuring pseudo masks; no manifest names it, so
+                # nothing trains on it
+                write_coco(out / split / UNLABELED_TRUTH_FILE, {
+                    "info": {"description": f"uplvp synthetic shapes, split {split}, seed {seed}: "
+                             "the generator's instances, for pseudo-mask quality only"},
+                    "images": coco["images"], "annotations": coco["annotations"],
+                    "categories": categories,
+                })
             else:
                 ann_path = out / split / "annotations.json"
                 write_coco(ann_path, {

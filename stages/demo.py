@@ -10,11 +10,15 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.atomic import write_json_atomic
+from pipeline.proposal_quality import quality_against
 from pipeline.run_record import now_iso, write_run_record
+from pipeline.shard_dataset import MaskFilter
+from pipeline.synth import UNLABELED_TRUTH_FILE
 from stages.data import SynthConfig, run_check, run_synth
 from stages.evaluate import EvaluateConfig, run_evaluate
 from stages.finetune import FinetuneConfig, run_finetune
@@ -81,6 +85,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                       proposer="classical", shard_size=50, num_workers=cfg.propose_workers),
         progress=progress,
     )
+    quality = pseudo_mask_quality(out / "propose", data_dir)
+    console.print(format_quality(quality))
     done("propose (classical proposer: weight-free, no CLIP)")
 
     data = demo_data_section(cfg)
@@ -140,6 +146,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     summary = {"seed": cfg.seed, **compare_arms(reports, curves)}
     plot_path = plot_ap_curves(curves, out / "ap_curves.png")
     print_comparison(summary)
+    summary["pseudo_masks"] = quality
     summary["timings_seconds"] = timings
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     console.print(format_timings(timings, summary["seconds"]))
@@ -154,6 +161,24 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         "and the effect of pre-training at toy scale, not CLIP quality."
     )
     return summary
+
+
+def pseudo_mask_quality(propose_dir: Path, data_dir: Path) -> dict[str, float]:
+    """The demo's pseudo masks against what the generator drew in the unlabeled images (IoU 0.5;
+    "kept": the masks pre-training uses, ``MaskFilter()``)."""
+    coco = json.loads((data_dir / "unlabeled" / UNLABELED_TRUTH_FILE).read_text())
+    return quality_against(pd.read_parquet(propose_dir / "masks"),
+                           pd.read_parquet(propose_dir / "images"), coco, MaskFilter())
+
+
+def format_quality(q: dict[str, float]) -> str:
+    def pct(x: float) -> str:
+        return "n/a" if x != x else f"{100 * x:.1f} %"  # NaN: nothing to score
+    return (f"pseudo masks vs the generator's {q['instances']} objects in {q['images']} unlabeled "
+            f"images (IoU >= 0.5): {q['masks_per_image']:.2f} masks/image, recall "
+            f"{pct(q['recall'])}, precision {pct(q['precision'])}; kept for pre-training "
+            f"{q['kept_masks_per_image']:.2f}/image, recall {pct(q['kept_recall'])}, precision "
+            f"{pct(q['kept_precision'])}, label accuracy {pct(q['kept_label_accuracy'])}")
 
 
 def format_timings(timings: dict[str, float], total: float) -> str:

@@ -2,6 +2,8 @@
 import json
 import re
 
+import pytest
+
 from typer.testing import CliRunner
 
 from stages.cli import app
@@ -48,6 +50,20 @@ def test_demo_runs_every_stage_and_reports_both_arms(tmp_path):
     assert scratch["init"] == "none" and pre["init"] == str(out / "pretrain")
     assert pre["train"]["seed"] == 3 and pre["data"]["seed"] == 3
     assert (out / "ap_curves.png").stat().st_size > 1000
+    # the pseudo masks' quality against what the generator drew, printed and kept, is what
+    # pipeline.proposal_quality computes from the shards
+    from pipeline.proposal_quality import quality_against
+    from pipeline.shard_dataset import MaskFilter
+    import pandas as pd
+    truth = json.loads((out / "data" / "unlabeled" / "generator_annotations.json").read_text())
+    assert len(truth["images"]) == 6 and truth["annotations"]
+    expected = quality_against(pd.read_parquet(out / "propose" / "masks"),
+                               pd.read_parquet(out / "propose" / "images"), truth, MaskFilter())
+    assert summary["pseudo_masks"] == pytest.approx(expected, nan_ok=True)
+    assert expected["instances"] == len(truth["annotations"]) and 0 < expected["recall"] <= 1
+    assert (f"pseudo masks vs the generator's {expected['instances']} objects in 6 unlabeled "
+            f"images (IoU >= 0.5): {expected['masks_per_image']:.2f} masks/image, recall "
+            f"{100 * expected['recall']:.1f} %") in " ".join(result.output.split())
     # the seconds of each stage are printed, as the summary keeps them
     timings = summary["timings_seconds"]
     assert list(timings) == ["synthetic data", "propose (classical proposer: weight-free, no CLIP)",

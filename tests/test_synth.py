@@ -47,7 +47,7 @@ def test_writes_expected_files_and_counts(dataset):
     assert sorted(_files(out)) == sorted(
         [f"unlabeled/images/unlabeled_{i:06d}.png" for i in range(4)]
         + [f"{s}/images/{s}_{i:06d}.png" for s in ("train", "val") for i in range(3)]
-        + ["train/annotations.json", "val/annotations.json"]
+        + ["train/annotations.json", "val/annotations.json", "unlabeled/generator_annotations.json"]
         + ["unlabeled.yaml", "train.yaml", "val.yaml"]
     )
     assert {s: v["images"] for s, v in summary["splits"].items()} == COUNTS
@@ -211,3 +211,21 @@ def test_bad_arguments_raise_input_error(tmp_path, kwargs, field):
     with pytest.raises(InputError, match=field):
         write_synth_dataset(tmp_path / "x", progress=False, **kwargs)
     assert not (tmp_path / "x").exists()
+
+
+def test_unlabeled_truth_is_what_the_generator_drew_and_no_manifest_names_it(dataset):
+    import json
+
+    import yaml
+
+    from pipeline.synth import UNLABELED_TRUTH_FILE, synth_example
+
+    out, summary = dataset
+    truth = json.loads((out / "unlabeled" / UNLABELED_TRUTH_FILE).read_text())
+    assert [img["file_name"] for img in truth["images"]] == [
+        f"unlabeled_{i:06d}.png" for i in range(4)]
+    _, instances = synth_example(summary["seed"], "unlabeled", 2, summary["image_size"])
+    drawn = [(c, int(m.sum())) for c, m in instances]
+    assert [(a["category_id"], a["area"]) for a in truth["annotations"] if a["image_id"] == 3] == drawn
+    manifest = yaml.safe_load((out / "unlabeled.yaml").read_text())
+    assert "annotations" not in manifest
