@@ -17,7 +17,6 @@ name that is not shipped is left to open_clip (``is_shipped`` is False).
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,10 +41,6 @@ class ShippedModel:
     @property
     def weights(self) -> Path:
         return self.folder / self.card["weights"]
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return json.loads((self.folder / CONFIG_FILE).read_text())
 
     @property
     def vocabulary(self) -> list[str]:
