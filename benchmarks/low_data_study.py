@@ -283,8 +283,11 @@ def prepare_data(cfg: StudyConfig, out: Path) -> dict[str, Path]:
 def clip_shards(cfg: StudyConfig, out: Path, data: dict[str, Path]) -> Path:
     """The clip proposer's shards of the unlabeled pool (vocabulary: the benchmark's category
     names), made once under a lock; every rerun skips the complete shards."""
-    if cfg.clip_checkpoint is None:
-        raise InputError("the clip arms need clip_checkpoint (benchmarks/train_clip.py)")
+    from uplvp_model.proposal.shipped import is_shipped
+
+    if cfg.clip_checkpoint is None and not is_shipped(cfg.clip_model):
+        raise InputError("the clip arms need clip_checkpoint (benchmarks/train_clip.py) or "
+                         "clip_model naming a shipped model (uplvp-synth-vit)")
     vocabulary = out / "propose_clip_vocabulary.txt"
     categories = load_manifest(data["val"]).categories
     with file_lock(out / "locks" / "propose_clip.lock"):

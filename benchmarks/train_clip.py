@@ -595,6 +595,8 @@ def recall_chance(captions: Sequence[str], k: int = 1) -> float:
     """Expected recall@k of a random ranking: an image whose text m images share (itself
     included) hits with probability 1 - C(N - m, k) / C(N, k)."""
     n = len(captions)
+    if k >= n:  # every caption is within the top k
+        return 1.0
     counts: dict[str, int] = {}
     for text in captions:
         counts[text] = counts.get(text, 0) + 1

@@ -549,6 +549,13 @@ def demo(
         None, help="Fine-tuning steps of each arm (default 400)."),
     propose_workers: Optional[int] = typer.Option(
         None, help="Ray actors for propose (default 2; 0: no Ray)."),
+    proposer: Optional[str] = typer.Option(
+        None, "--proposer", help="Pseudo masks: clip (the shipped toy CLIP) or classical "
+        "(weight-free, no CLIP; text loss off)."),
+    clip_model: Optional[str] = typer.Option(
+        None, "--clip-model", help="CLIP of the clip proposer (default uplvp-synth-vit, shipped)."),
+    clip_checkpoint: Optional[str] = typer.Option(
+        None, "--clip-checkpoint", help="Its weights file (default: the shipped model's)."),
     config: Optional[Path] = ConfigOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
@@ -558,7 +565,8 @@ def demo(
 
     cfg = load_config(DemoConfig, config, dict(
         out=out, seed=seed, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,
-        propose_workers=propose_workers))
+        propose_workers=propose_workers, proposer=proposer, clip_model=clip_model,
+        clip_checkpoint=clip_checkpoint))
     run_demo(cfg, progress=not no_progress)
 
 

@@ -1,14 +1,16 @@
 """`uplvp demo`: the whole pipeline on the embedded synthetic data, one command.
 
-synth data -> propose (classical, weight-free) -> pretrain -> finetune from the pre-trained
-checkpoint and from scratch with identical budgets -> evaluate both -> side-by-side table,
-AP-curve PNG and mask overlays. Every step resumes, so rerunning the demo continues it.
+synth data -> propose (``proposer``: the ``clip`` proposer on the CLIP the package ships, or the
+weight-free ``classical`` one) -> pretrain (prompt injection, the text loss) -> finetune from the
+pre-trained checkpoint and from scratch with identical budgets -> evaluate both -> side-by-side
+table, AP-curve PNG and mask overlays. Every step resumes, so rerunning the demo continues it.
 """
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+from typing import Any, Literal
 
 import pandas as pd
 from rich.console import Console
@@ -56,6 +58,21 @@ class DemoConfig(SynthConfig):
     )
     prompt: PromptSection = PromptSection(inject=False)
     overlay_score_threshold: float = 0.25  # toy-scale models score below predict's 0.5
+    # the pseudo masks: "clip" (the language-vision proposer on ``clip_model``, by default the
+    # toy CLIP the package ships, read with its card's proposer options unless ``clip_options``)
+    # or "classical" (weight-free OpenCV segmentation, no language model)
+    proposer: Literal["clip", "classical"] = "classical"
+    clip_model: str = "uplvp-synth-vit"
+    clip_checkpoint: str | None = None
+    clip_options: dict[str, Any] | None = None
+    # the CLIP text loss in pre-training (LossSection.text); None: 1.0 with the clip proposer,
+    # 0 with the classical one (its shards hold no CLIP embeddings)
+    text_weight: float | None = None
+
+    def resolved_text_weight(self) -> float:
+        if self.text_weight is not None:
+            return self.text_weight
+        return 1.0 if self.proposer == "clip" else 0.0
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
@@ -79,23 +96,19 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         run_check(data_dir / f"{split}.yaml")
     done("synthetic data")
 
-    step("propose (classical proposer: weight-free, no CLIP)")
-    run_propose(
-        ProposeConfig(images=data_dir / "unlabeled.yaml", out=out / "propose",
-                      proposer="classical", shard_size=50, num_workers=cfg.propose_workers),
-        progress=progress,
-    )
+    step("propose", f"propose ({describe_proposer(cfg)})")
+    run_propose(propose_config(cfg, data_dir, out), progress=progress)
     quality = pseudo_mask_quality(out / "propose", data_dir)
-    console.print(format_quality(quality))
-    done("propose (classical proposer: weight-free, no CLIP)")
+    console.print(format_quality(quality, labelled=cfg.proposer == "clip"))
+    done("propose")
 
     data = demo_data_section(cfg)
-    step("pretrain", "pretrain (UPLVP: prompts injected)" if cfg.prompt.inject else
-         "pretrain (kernel supervision on the pseudo masks, prompt injection off: docs/demo.md)")
+    text_weight = cfg.resolved_text_weight()
+    step("pretrain", f"pretrain ({describe_pretrain(cfg.prompt.inject, text_weight)})")
     run_pretrain(
         PretrainConfig(
             shards=out / "propose", out=out / "pretrain", model=cfg.model, data=data,
-            prompt=cfg.prompt, loss=LossSection(num_points=None),
+            prompt=cfg.prompt, loss=LossSection(num_points=None, text=text_weight),
             train=TrainConfig(max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
                               warmup_steps=min(100, cfg.pretrain_steps // 10),
                               checkpoint_every=max(1, cfg.pretrain_steps // 3),
@@ -153,14 +166,54 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     write_json_atomic(out / "demo_summary.json", summary, indent=2)
     write_run_record(out, stage="demo", config=cfg.resolved(), config_hash=cfg.config_hash(),
                      inputs={}, counts=summary, started_at=started)
+    source = ("a toy CLIP trained on synthetic scenes" if cfg.proposer == "clip"
+              else "the weight-free classical proposer")
     console.print(
         f"demo finished in {summary['seconds']} s. Table: {out / 'demo_summary.json'}; AP "
         f"curves: {plot_path}; overlays (score > {cfg.overlay_score_threshold}): "
-        f"{out}/predict_*/overlays/. The pseudo masks come from "
-        "the weight-free classical proposer on synthetic data: this demo shows the pipeline "
-        "and the effect of pre-training at toy scale, not CLIP quality."
+        f"{out}/predict_*/overlays/. The pseudo masks come from {source} on synthetic data: "
+        "this demo shows the method and the effect of pre-training at toy scale, not what a "
+        "real CLIP gives on real photos."
     )
     return summary
+
+
+def describe_proposer(cfg: DemoConfig) -> str:
+    if cfg.proposer == "classical":
+        return "classical proposer: weight-free, no CLIP"
+    weights = cfg.clip_checkpoint or "shipped with the package"
+    return f"clip proposer: CLIP {cfg.clip_model}, weights {weights}"
+
+
+def describe_pretrain(inject: bool, text_weight: float) -> str:
+    return (f"UPLVP: prompt injection {'on' if inject else 'off'}, text loss weight "
+            f"{text_weight:g}")
+
+
+def clip_options(cfg: DemoConfig) -> dict[str, Any]:
+    """The clip proposer's options: ``cfg.clip_options``, else the shipped model's card's."""
+    if cfg.clip_options is not None:
+        return dict(cfg.clip_options)
+    from uplvp_model.proposal.shipped import is_shipped, shipped_model
+
+    if cfg.clip_checkpoint is None and is_shipped(cfg.clip_model):
+        return dict(shipped_model(cfg.clip_model, verify=False).card.get("proposer_options", {}))
+    return {}
+
+
+def propose_config(cfg: DemoConfig, data_dir: Path, out: Path) -> ProposeConfig:
+    """The propose stage of the demo; the clip proposer names the data's categories."""
+    fields: dict[str, Any] = {}
+    if cfg.proposer == "clip":
+        categories = json.loads((data_dir / "val" / "annotations.json").read_text())["categories"]
+        vocabulary = out / "vocabulary.txt"
+        vocabulary.parent.mkdir(parents=True, exist_ok=True)
+        vocabulary.write_text("".join(f"{c['name']}\n" for c in categories), encoding="utf-8")
+        fields = {"clip_model": cfg.clip_model, "clip_checkpoint": cfg.clip_checkpoint,
+                  "vocabulary": vocabulary, "options": clip_options(cfg), "device": "cpu"}
+    return ProposeConfig(images=data_dir / "unlabeled.yaml", out=out / "propose",
+                         proposer=cfg.proposer, shard_size=50, num_workers=cfg.propose_workers,
+                         **fields)
 
 
 def pseudo_mask_quality(propose_dir: Path, data_dir: Path) -> dict[str, float]:
@@ -171,9 +224,11 @@ def pseudo_mask_quality(propose_dir: Path, data_dir: Path) -> dict[str, float]:
                            pd.read_parquet(propose_dir / "images"), coco, MaskFilter())
 
 
-def format_quality(q: dict[str, float]) -> str:
+def format_quality(q: dict[str, float], labelled: bool = True) -> str:
+    """One line; ``labelled`` False: the proposer names no category (label accuracy n/a)."""
     def pct(x: float) -> str:
         return "n/a" if x != x else f"{100 * x:.1f} %"  # NaN: nothing to score
+    label = pct(q["kept_label_accuracy"]) if labelled else "n/a (no category names)"
     return (f"pseudo masks vs the generator's {q['instances']} objects in {q['images']} unlabeled "
             f"images (IoU >= 0.5): {q['masks_per_image']:.2f} masks/image, recall "
             f"{pct(q['recall'])}, precision {pct(q['precision'])}; kept for pre-training "

@@ -115,6 +115,7 @@ def test_recall_at_k_and_its_chance_on_planted_similarities():
     assert tc.recall_chance(["a", "b", "c", "d"], 1) == pytest.approx(0.25)
     assert tc.recall_chance(["a", "a", "b", "c"], 1) == pytest.approx((0.5 + 0.5 + 0.25 + 0.25) / 4)
     assert tc.recall_chance(["a", "b", "c", "d"], 2) == pytest.approx(0.5)
+    assert tc.recall_chance(["a", "b", "c", "d"], 5) == 1.0  # fewer captions than k
 
 
 def test_dihedral_gives_the_eight_symmetries():
