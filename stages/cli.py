@@ -4,6 +4,7 @@
     uplvp data synth|split|convert|check             datasets
     uplvp inspect masks|overlay|run                  look at stage outputs
     uplvp predict                                    inference on new images
+    uplvp export                                     a fine-tuned checkpoint to ONNX
     uplvp demo                                       the whole pipeline on embedded demo data
 
 Every command reads ``--config FILE.yaml`` and CLI options into one typed config; bad input
@@ -568,6 +569,36 @@ def demo(
         propose_workers=propose_workers, proposer=proposer, clip_model=clip_model,
         clip_checkpoint=clip_checkpoint))
     run_demo(cfg, progress=not no_progress)
+
+
+@app.command("export")
+@user_errors
+def export(
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Fine-tuned checkpoint file or run folder (its latest)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="ONNX file to write (.onnx)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 14..20 (default 17)."),
+    max_detections: Optional[int] = typer.Option(
+        None, "--max-detections", help="Detections the graph returns (default 100)."),
+    short_side: Optional[int] = typer.Option(
+        None, help="Resize short side inside the graph (default 800)."),
+    max_long_side: Optional[int] = typer.Option(
+        None, help="Resize long side cap inside the graph (default 1333)."),
+    torchscript: Optional[bool] = typer.Option(
+        None, "--torchscript", help="Also write a TorchScript module (OUT .torchscript.pt)."),
+    verify: Optional[bool] = typer.Option(
+        None, "--verify/--no-verify", help="Check the graph against PyTorch (default on)."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Export a fine-tuned checkpoint to ONNX: uint8 image [1, 3, H, W] in (any size), mask
+    probabilities, scores and category ids out (needs the export extra; docs/export.md)."""
+    from stages.export import ExportConfig, run_export
+
+    cfg = load_config(ExportConfig, config, dict(
+        checkpoint=checkpoint, out=out, opset=opset, max_detections=max_detections,
+        short_side=short_side, max_long_side=max_long_side, torchscript=torchscript,
+        verify=verify))
+    run_export(cfg)
 
 
 def main() -> None:
