@@ -360,8 +360,12 @@ def main() -> None:
     parser.add_argument("--brief", action="store_true",
                         help="leave out the per-category recall table")
     args = parser.parse_args()
-    if "clip" in args.proposers and args.clip_checkpoint is None:
-        parser.error("--proposers clip needs --clip-checkpoint (random weights mean nothing)")
+    from uplvp_model.proposal.shipped import is_shipped
+
+    if ("clip" in args.proposers and args.clip_checkpoint is None
+            and not is_shipped(args.clip_model)):
+        parser.error("--proposers clip needs --clip-checkpoint or a shipped --clip-model "
+                     "(random weights mean nothing)")
     if {"freemask", "maskcut"} & set(args.proposers) and args.backbone_checkpoint is None:
         parser.error("--proposers freemask / maskcut need --backbone-checkpoint "
                      "(random weights mean nothing)")
@@ -393,7 +397,7 @@ def main() -> None:
         runs = [ProposerRun(name, run_fields(args, name, clip_options)) for name in args.proposers]
         results: dict[str, SplitResult] = {}
         for run in runs:
-            print(f"{run.name}: {json.dumps(run.fields)}")
+            print(f"{run.name}: {json.dumps(run.fields, default=str)}")
             for split in args.splits:
                 manifest = data / f"{split}.yaml"
                 result = evaluate_split(

@@ -118,11 +118,20 @@ def check_weights_given(cfg: ProposeConfig) -> None:
                "freemask": backbone, "maskcut": backbone}.get(cfg.proposer)
     if missing is None or missing[1] is not None or cfg.random_weights:
         return
+    if cfg.proposer == "clip" and shipped_clip(cfg.clip_model):
+        return  # a model the package ships: its weights come with it
     option, _, what = missing
     raise InputError(
         f"--proposer {cfg.proposer} needs {option} ({what}): without weights its masks are "
         "meaningless; pass --random-weights only for a speed or test run"
     )
+
+
+def shipped_clip(name: str) -> bool:
+    """Whether ``name`` is a CLIP the package ships (selected by name, no checkpoint)."""
+    from uplvp_model.proposal.shipped import is_shipped
+
+    return is_shipped(name)
 
 
 def proposal_weights(cfg: ProposeConfig) -> dict[str, str]:
@@ -132,6 +141,12 @@ def proposal_weights(cfg: ProposeConfig) -> dict[str, str]:
         return {"kind": "none", "source": "classical (weight-free)"}
     checkpoint = cfg.clip_checkpoint if cfg.proposer == "clip" else cfg.backbone_checkpoint
     model = cfg.clip_model if cfg.proposer == "clip" else backbone_name(cfg)
+    if checkpoint is None and cfg.proposer == "clip" and shipped_clip(cfg.clip_model):
+        from uplvp_model.proposal.shipped import shipped_model
+
+        card = shipped_model(cfg.clip_model, verify=False).card
+        return {"kind": "shipped", "source": f"clip {model}: shipped with uplvp, sha256 "
+                                             f"{card['sha256']}"}
     if checkpoint is None:
         return {"kind": "random", "source": f"{cfg.proposer} {model}: random init"}
     return {"kind": "checkpoint", "source": f"{cfg.proposer} {model}: {checkpoint}"}
