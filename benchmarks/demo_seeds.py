@@ -7,7 +7,7 @@ start-up, every stage, evaluation, overlays and the plot, as ``time uplvp demo``
 and is read back from its ``demo_summary.json``. Printed per seed: seconds, final val mask AP
 of both arms, their ratio, and the fine-tuning step at which the pre-trained arm first reached
 the scratch arm's final AP (and its share of the fine-tuning steps); then the issue's targets
-(ratio >= 1.3, reached within <= 50 % of the steps, <= 480 s) checked on every seed.
+(ratio >= 1.5, reached within <= 25 % of the steps, <= 480 s) checked on every seed.
 A finished seed folder is not rerun (the demo resumes): pass a new ``--out`` to measure time.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-RATIO_TARGET = 1.3
-REACH_TARGET = 0.5
+RATIO_TARGET = 1.5
+REACH_TARGET = 0.25
 SECONDS_TARGET = 480.0
 
 

@@ -545,9 +545,9 @@ def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default demo_run)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default 0)."),
     pretrain_steps: Optional[int] = typer.Option(
-        None, help="Pre-training steps (default 1300)."),
+        None, help="Pre-training steps (default 1000)."),
     finetune_steps: Optional[int] = typer.Option(
-        None, help="Fine-tuning steps of each arm (default 400)."),
+        None, help="Fine-tuning steps of each arm (default 200)."),
     propose_workers: Optional[int] = typer.Option(
         None, help="Ray actors for propose (default 2; 0: no Ray)."),
     proposer: Optional[str] = typer.Option(

@@ -72,6 +72,17 @@ def test_demo_runs_every_stage_and_reports_both_arms(tmp_path):
     assert (f"seconds per stage: synthetic data {timings['synthetic data']:.1f} s, propose "
             f"{timings['propose']:.1f} s") in line
     assert f"finetune (scratch) {timings['finetune (scratch)']:.1f} s; total {summary['seconds']:.1f} s" in line
+    # the method ran: the shipped CLIP through the clip proposer, prompt injection, text loss
+    propose_stage = json.loads((out / "propose" / "stage.json").read_text())
+    assert propose_stage["config"]["proposer"] == "clip"
+    assert propose_stage["config"]["clip_model"] == "uplvp-synth-vit"
+    assert propose_stage["config"]["clip_checkpoint"] is None
+    assert propose_stage["inputs"]["weights"]["kind"] == "shipped"
+    pretrain_cfg = json.loads((out / "pretrain" / "stage.json").read_text())["config"]
+    assert pretrain_cfg["prompt"]["inject"] is True and pretrain_cfg["loss"]["text"] == 1.0
+    assert "propose (clip proposer: CLIP uplvp-synth-vit" in line
+    assert "pretrain (UPLVP: prompt injection on, text loss weight 1)" in line
+    assert f"label accuracy {100 * expected['kept_label_accuracy']:.1f} %" in line
     # rerunning resumes: every stage finds its outputs complete
     again = CliRunner().invoke(app, ["demo", "--out", str(out), "--config", str(config),
                                      "--seed", "3", "--no-progress"])
@@ -104,3 +115,13 @@ def test_stage_seconds_line():
                            "pretrain": 300.25, "finetune (scratch)": 99.9}, 421.2)
     assert line == ("seconds per stage: synthetic data 1.0 s, propose 20.0 s, pretrain 300.2 s, "
                     "finetune (scratch) 99.9 s; total 421.2 s")
+
+
+def test_quality_line_says_n_a_for_a_proposer_without_names():
+    from stages.demo import format_quality
+
+    q = {"instances": 10, "images": 2, "masks_per_image": 3.0, "recall": 0.5,
+         "precision": 0.25, "kept_masks_per_image": 1.5, "kept_recall": 0.4,
+         "kept_precision": 0.5, "kept_label_accuracy": 0.0}
+    assert format_quality(q, labelled=False).endswith("label accuracy n/a (no category names)")
+    assert format_quality(q).endswith("label accuracy 0.0 %")
