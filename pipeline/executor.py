@@ -26,6 +26,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from pipeline.native_stderr import RAY_ACTOR_RESTART_ARGS, drop_native_stderr_lines
+
 
 @dataclass(frozen=True)
 class ExecutorConfig:
@@ -59,9 +61,17 @@ def _run_on_ray(shard_indices, worker_cls, worker_kwargs, config: ExecutorConfig
     training) does not share the CPUs with idle Ray processes."""
     import ray
 
-    started = ensure_ray(config.ray_address)
+    started = ensure_ray(config.ray_address)  # before the filter: Ray's processes keep stderr
     try:
-        yield from _run_on_ray_started(shard_indices, worker_cls, worker_kwargs, config)
+        # Ray's core worker logs one ERROR line per actor it creates or restarts, because Ray
+        # Data passes actor arguments by reference while we ask for restarts (ray#53727); the
+        # driver owns those arguments for the whole run, so the restart it warns about can only
+        # fail with the driver's node, which ends the run anyway (pipeline/native_stderr.py)
+        with drop_native_stderr_lines([RAY_ACTOR_RESTART_ARGS]) as dropped:
+            yield from _run_on_ray_started(shard_indices, worker_cls, worker_kwargs, config)
+        if dropped.lines:
+            logging.getLogger(__name__).debug("dropped %d Ray line(s): %s", len(dropped.lines),
+                                              dropped.lines[0])
     finally:
         if started:
             ray.shutdown()

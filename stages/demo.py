@@ -184,8 +184,9 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
 def describe_proposer(cfg: DemoConfig) -> str:
     if cfg.proposer == "classical":
         return "classical proposer: weight-free, no CLIP"
-    weights = cfg.clip_checkpoint or "shipped with the package"
-    return f"clip proposer: CLIP {cfg.clip_model}, weights {weights}"
+    if cfg.clip_checkpoint is None:  # short: a rule's title is cut at the log's 80 columns
+        return f"clip proposer: shipped CLIP {cfg.clip_model}"
+    return f"clip proposer: CLIP {cfg.clip_model}, weights {Path(cfg.clip_checkpoint).name}"
 
 
 def describe_pretrain(inject: bool, text_weight: float) -> str:

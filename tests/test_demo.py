@@ -80,7 +80,7 @@ def test_demo_runs_every_stage_and_reports_both_arms(tmp_path):
     assert propose_stage["inputs"]["weights"]["kind"] == "shipped"
     pretrain_cfg = json.loads((out / "pretrain" / "stage.json").read_text())["config"]
     assert pretrain_cfg["prompt"]["inject"] is True and pretrain_cfg["loss"]["text"] == 1.0
-    assert "propose (clip proposer: CLIP uplvp-synth-vit" in line
+    assert "propose (clip proposer: shipped CLIP uplvp-synth-vit)" in line
     assert "pretrain (UPLVP: prompt injection on, text loss weight 1)" in line
     assert f"label accuracy {100 * expected['kept_label_accuracy']:.1f} %" in line
     # rerunning resumes: every stage finds its outputs complete

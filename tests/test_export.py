@@ -147,7 +147,11 @@ def test_graph_module_is_predicts_inference(preset, overrides, tmp_path):
     np.testing.assert_allclose(scores[kept], expected.scores.numpy(), rtol=0, atol=1e-6)
     np.testing.assert_array_equal(labels[kept],
                                   np.asarray(CATEGORY_IDS)[expected.labels.numpy()])
-    np.testing.assert_array_equal(masks[kept] > 0.5, expected.masks.numpy())
+    # binary masks agree except where the probability is within float noise of the 0.5 cut
+    # (the graph sums in another order: one pixel at 0.5 +- 1e-7 may fall either side)
+    decided = np.abs(masks[kept] - 0.5) > 1e-5
+    np.testing.assert_array_equal((masks[kept] > 0.5)[decided], expected.masks.numpy()[decided])
+    assert decided.mean() > 0.999
     assert kept.sum() >= 1
 
 
