@@ -55,8 +55,8 @@ from stages.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
 from stages.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from stages.pretrain import LossSection, PretrainConfig, PromptSection, run_pretrain  # noqa: E402
 from stages.propose import ProposeConfig, run_propose  # noqa: E402
-from stages.run_logging import METRICS_FILE  # noqa: E402
-from stages.trainer import TrainConfig  # noqa: E402
+from pipeline.engine.metrics import METRICS_FILE  # noqa: E402
+from pipeline.engine import TrainConfig  # noqa: E402
 from stages.training_setup import DataSection, ModelSection  # noqa: E402
 
 # prompt-section changes of each pre-trained arm (None: the arm is not pre-trained)

@@ -4,7 +4,7 @@ Shared by ``benchmarks/peers.py`` (the equal-budget table) and ``benchmarks/low_
 (the Mask R-CNN cells): transformers' ``Mask2FormerForUniversalSegmentation`` built from a
 config (nothing downloaded) and torchvision's ``MaskRCNN`` on a ResNet FPN backbone with
 ``weights=None``; each gets our loader's padded, normalised batches, is trained by
-``stages.trainer.train`` and scored by ``pipeline.evaluation``'s pycocotools code.
+``pipeline.engine.train`` and scored by ``pipeline.evaluation``'s pycocotools code.
 """
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def train_peer(name: str, train_set, category_ids: list[int], *, batch_size: int
     other metrics go to the run's metrics.jsonl."""
     from pipeline.coco_dataset import finetune_loader
     from pipeline.evaluation import flat_metrics
-    from stages.trainer import seed_all, train
+    from pipeline.engine import seed_all, train
 
     seed_all(seed)
     if name == "hf_mask2former":

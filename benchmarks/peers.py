@@ -21,7 +21,7 @@ local torchvision ResNet weights for every model that can take them):
 
 The budget is the same for every model: the same batches (our loader: same images, order,
 scale jitter and flips for one seed), optimizer steps, batch size, AdamW learning rate, weight
-decay, warmup + cosine schedule, gradient clipping (``stages.trainer.train`` runs every model),
+decay, warmup + cosine schedule, gradient clipping (``pipeline.engine.train`` runs every model),
 torch threads. The peers get our loader's normalised, padded images; Mask R-CNN's own resize
 is switched off (the loader already resized) and its normalisation is the identity. Every model
 is scored by the same code: ``pipeline.evaluation.evaluate_predictions`` (pycocotools segm) on
@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_config(spec: dict):
-    from stages.trainer import TrainConfig
+    from pipeline.engine import TrainConfig
 
     steps = spec["steps"]
     warmup = spec["warmup_steps"]
@@ -149,7 +149,8 @@ def run_cell(spec: dict) -> dict:
     from pipeline.transforms import AugmentConfig, eval_config
     from stages.evaluate import load_inference_model
     from stages.finetune import FinetuneConfig, run_finetune
-    from stages.training_setup import DataSection, ModelSection, resolve_device
+    from pipeline.engine.distributed import resolve_device
+    from stages.training_setup import DataSection, ModelSection
 
     torch.set_num_threads(spec["threads"])
     run_dir = Path(spec["run_dir"])
@@ -262,7 +263,7 @@ def settings_line(args: argparse.Namespace) -> str:
 def machine_name(device: str) -> str:
     """The processor a cell ran on (CPU model, or GPU name on CUDA) and the torch version: the
     same cell on another CPU gives other numbers (float order), so a table says where it ran."""
-    from stages.training_setup import resolve_device
+    from pipeline.engine.distributed import resolve_device
 
     if resolve_device(device).startswith("cuda"):
         chip = torch.cuda.get_device_name()

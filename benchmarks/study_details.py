@@ -26,7 +26,7 @@ from pathlib import Path
 from pipeline.errors import InputError
 from pipeline.splits import format_percent
 from stages.inspect_run import read_metrics
-from stages.run_logging import METRICS_FILE
+from pipeline.engine.metrics import METRICS_FILE
 
 from low_data_study import ARMS, DECODERS, PEER_DECODERS, read_results  # noqa: E402  (sibling)
 

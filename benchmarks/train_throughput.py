@@ -127,7 +127,7 @@ def model_consumption(shard_dir: Path, out_dir: Path, *, preset: str, size: int,
     import json
 
     from stages.pretrain import PretrainConfig, run_pretrain
-    from stages.trainer import TrainConfig
+    from pipeline.engine import TrainConfig
     from stages.training_setup import DataSection, ModelSection
 
     cfg = PretrainConfig(

@@ -21,7 +21,7 @@ from pipeline.errors import InputError
 from pipeline.run_record import now_iso, write_run_record
 from pipeline.ssl_views import view_loader
 from stages.config import StageConfig
-from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
+from pipeline.engine import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
 from uplvp_model.backbone import build_backbone
 from uplvp_model.checkpoint import (
     BACKBONE_FILE,

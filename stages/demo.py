@@ -27,8 +27,8 @@ from stages.finetune import FinetuneConfig, run_finetune
 from stages.predict import PredictConfig, run_predict
 from stages.pretrain import LossSection, PretrainConfig, PromptSection, run_pretrain
 from stages.propose import ProposeConfig, run_propose
-from stages.run_logging import METRICS_FILE
-from stages.trainer import TrainConfig
+from pipeline.engine.metrics import METRICS_FILE, ap_curve
+from pipeline.engine import TrainConfig
 from stages.training_setup import DataSection, ModelSection
 
 console = Console(stderr=True)
@@ -256,16 +256,6 @@ def demo_data_section(cfg: DemoConfig) -> DataSection:
                                                               round(1.125 * size)),
                        max_long_side=round(1.5 * size), eval_short_side=size, num_workers=0,
                        seed=cfg.seed)
-
-
-def ap_curve(metrics_path: Path) -> list[tuple[int, float]]:
-    """``(step, val mask AP)`` of every evaluation line of a run's metrics.jsonl."""
-    points = []
-    for line in Path(metrics_path).read_text().splitlines():
-        record = json.loads(line)
-        if record.get("kind") == "eval" and record.get(AP_KEY) is not None:
-            points.append((int(record["step"]), float(record[AP_KEY])))
-    return points
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:

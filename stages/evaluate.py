@@ -34,9 +34,9 @@ from pipeline.predictions import batch_to_coco_results, check_category_ids
 from pipeline.run_record import now_iso, write_run_record
 from pipeline.transforms import eval_config
 from stages.config import StageConfig
-from stages.progress import LoopProgress, ProgressMode, progress_mode
-from stages.training_setup import resolve_device
-from stages.train_checkpoint import latest_checkpoint
+from pipeline.engine.progress import LoopProgress, ProgressMode, progress_mode
+from pipeline.engine.distributed import resolve_device
+from pipeline.engine.checkpoint import latest_checkpoint
 from uplvp_model.checkpoint import read_checkpoint
 from uplvp_model.config import ModelConfig
 from uplvp_model.model import build_model

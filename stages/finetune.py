@@ -20,10 +20,17 @@ from pipeline.manifest import load_manifest
 from pipeline.run_record import now_iso, write_run_record
 from stages.config import StageConfig
 from stages.evaluate import evaluate_model
-from stages.train_checkpoint import latest_checkpoint, load_training_checkpoint
-from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
+from pipeline.engine.checkpoint import latest_checkpoint, load_training_checkpoint
+from pipeline.engine import (
+    BestCheckpointer,
+    NonFiniteLossError,
+    TrainConfig,
+    init_distributed,
+    seed_all,
+    train,
+)
 from stages.training_setup import DataSection, ModelSection, build_stage_model
-from uplvp_model.checkpoint import load_model_state, save_model_state
+from uplvp_model.checkpoint import load_model_state
 from uplvp_model.criterion import REFERENCE_MASK_WEIGHTS, SetCriterion
 from uplvp_model.model import QEISModel
 
@@ -103,8 +110,6 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     def loss_fn(module, batch, step):
         return criterion(module(batch["images"]), batch["targets"])
 
-    best = {"value": -1.0, "step": None}
-
     if val_set is not None:  # one loader (and its persistent workers) for every validation
         batches = eval_loader(val_set, cfg.data.batch_size, resize=cfg.data.eval_resize(),
                               category_map=category_ids, **cfg.data.worker_options(device))
@@ -115,14 +120,11 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
                                     category_ids, device=device)
         if not metrics:  # not rank 0
             return {}
-        flat = flat_metrics(metrics, "val/")
-        value = flat.get(PRIMARY_METRIC) or 0.0
-        if value > best["value"]:
-            best.update(value=value, step=step)
-            save_model_state(Path(cfg.out) / "checkpoints" / BEST_NAME, module,
-                             {"model_config": module.cfg.to_dict(), "category_ids": category_ids,
-                              "step": step, PRIMARY_METRIC: value})
-        return {k: v for k, v in flat.items() if isinstance(v, (int, float))}
+        return {k: v for k, v in flat_metrics(metrics, "val/").items()
+                if isinstance(v, (int, float))}
+
+    best = BestCheckpointer(PRIMARY_METRIC, name=BEST_NAME, extra=lambda: {
+        "model_config": model_cfg.to_dict(), "category_ids": category_ids})
 
     console.print(
         f"finetune: {len(loader.source)} training images, {len(category_ids)} categories, "
@@ -136,6 +138,7 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
             model, loss_fn, loader.make_batches, train_cfg, cfg.out, resume=cfg.resume,
             label="finetune",
             evaluate=validate if val_set is not None else None,
+            hooks=[best] if val_set is not None else [],
             extra_state={"stage": "finetune", "model_config": model_cfg.to_dict(),
                          "category_ids": category_ids, "stage_config": cfg.resolved()},
         )
@@ -145,8 +148,8 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     summary = {
         "step": result.step,
         "checkpoint": str(result.checkpoint),
-        "best_step": best["step"],
-        PRIMARY_METRIC: best["value"] if best["step"] is not None else None,
+        "best_step": best.best_step,
+        PRIMARY_METRIC: best.best_value,
         "init": init_report,
     }
     if info.rank == 0:

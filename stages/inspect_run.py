@@ -1,7 +1,7 @@
 """`uplvp inspect run`: loss and AP curves of a training run as one PNG.
 
 Reads ``<run_dir>/metrics.jsonl`` (one JSON object per line, written by
-``stages.run_logging``). Every line needs a ``step``. Curves:
+``pipeline.engine.metrics``). Every line needs a ``step``. Curves:
 
 - losses: on lines that are not evaluation lines, the keys ``loss`` (the total, thick) and
   ``loss_<term>`` of the last decoder stage (``*_aux<i>`` terms are left out to keep it legible);
@@ -22,36 +22,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline.atomic import atomic_path
+from pipeline.engine.metrics import METRICS_FILE, is_number, read_metrics
 from pipeline.errors import InputError
 
-METRICS_FILE = "metrics.jsonl"
 DEFAULT_PLOT = "curves.png"
 _LOSS_KEY = re.compile(r"^loss(_(?!.*_aux\d+$)\w+)?$")
 _AP_KEY = re.compile(r"_AP(50|75)?$")
 
 Series = dict[str, tuple[list[int], list[float]]]
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl`` file; a torn last line (a run killed mid-write) is
-    skipped, any other bad line raises :class:`InputError` naming the line."""
-    if not path.is_file():
-        raise InputError("metrics file not found (is this a training run folder?)", path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                continue
-            raise InputError(f"line {number} is not valid JSON", path) from None
-        if not isinstance(record, dict) or not _is_number(record.get("step")):
-            raise InputError(f"line {number} has no numeric 'step'", path)
-        records.append(record)
-    return records
 
 
 def curves(records: list[dict]) -> tuple[Series, Series]:
@@ -62,7 +40,7 @@ def curves(records: list[dict]) -> tuple[Series, Series]:
     for record in records:
         is_eval = record.get("kind") == "eval" or any(k.startswith("val/") for k in record)
         for key, value in record.items():
-            if not _is_number(value) or not math.isfinite(value):
+            if not is_number(value) or not math.isfinite(value):
                 continue
             if is_eval and _AP_KEY.search(key):
                 target = aps
@@ -107,7 +85,3 @@ def plot_run(run_dir: str | Path, out_png: str | Path | None = None) -> Path:
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return out_png
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

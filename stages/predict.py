@@ -29,8 +29,8 @@ from pipeline.transforms import eval_config
 from stages.config import StageConfig
 from stages.evaluate import (PREDICTIONS_FILE, load_inference_model, predict_results,
                              report_unreadable)
-from stages.progress import progress_mode
-from stages.training_setup import resolve_device
+from pipeline.engine.progress import progress_mode
+from pipeline.engine.distributed import resolve_device
 
 console = Console(stderr=True)
 

@@ -18,7 +18,7 @@ from pipeline.run_record import now_iso, write_run_record
 from pipeline.shard_dataset import MaskFilter, pretrain_loader, proposal_weights
 from pipeline.text_embeddings import check_shard_labels, read_text_embeddings
 from stages.config import StageConfig
-from stages.trainer import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
+from pipeline.engine import NonFiniteLossError, TrainConfig, init_distributed, seed_all, train
 from stages.training_setup import DataSection, ModelSection, build_stage_model
 from uplvp_model.criterion import PretrainCriterion
 from uplvp_model.pretraining import PromptedModel, pretraining_targets

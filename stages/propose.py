@@ -29,8 +29,8 @@ from pipeline.shards import (
     shard_status,
 )
 from stages.config import StageConfig
-from stages.progress import LoopProgress, progress_mode
-from stages.training_setup import resolve_device
+from pipeline.engine.progress import LoopProgress, progress_mode
+from pipeline.engine.distributed import resolve_device
 
 console = Console(stderr=True)
 

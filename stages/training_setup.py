@@ -94,11 +94,3 @@ def build_stage_model(cfg: ModelConfig):
         return build_model(cfg)
     except ValueError as err:
         raise InputError(str(err)) from None
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from stages.evaluate import model_config_of
-from stages.trainer import TrainConfig, param_groups
+from pipeline.engine import TrainConfig, param_groups
 from stages.training_setup import ModelSection
 from uplvp_model.backbone import freeze_batch_norm
 from uplvp_model.config import ModelConfig, model_config

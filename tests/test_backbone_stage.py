@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from pipeline.synth import write_synth_dataset
 from stages.backbone import export_backbone, preset_backbone
 from stages.cli import app
-from stages.train_checkpoint import latest_checkpoint, load_training_checkpoint
-from stages.trainer import FAULT_ENV
+from pipeline.engine.checkpoint import latest_checkpoint, load_training_checkpoint
+from pipeline.engine import FAULT_ENV
 from uplvp_model.backbone import build_backbone
 from uplvp_model.checkpoint import BACKBONE_FILE, read_checkpoint
 from uplvp_model.config import model_config

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from tests.conftest import free_port, spawn_and_wait
 
-from stages.trainer import TrainConfig, distributed_info, train
+from pipeline.engine import TrainConfig, distributed_info, train
 from test_trainer import Crash, crashing, make_net, mse_loss, poisoned, quiet, synthetic_batches
 from uplvp_model.criterion import num_masks_normaliser
 

@@ -16,7 +16,7 @@ from tests.conftest import free_port, spawn_and_wait
 
 from pipeline.batching import collate
 from pipeline.transforms import Sample
-from stages.trainer import TrainConfig, train
+from pipeline.engine import TrainConfig, train
 from uplvp_model.config import model_config
 from uplvp_model.criterion import PretrainCriterion, SetCriterion
 from uplvp_model.model import build_model

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from tests.conftest import free_port, spawn_and_wait
 
-from stages.trainer import TrainConfig, train
+from pipeline.engine import TrainConfig, train
 from uplvp_model.backbone import build_backbone
 from uplvp_model.self_supervised import SelfSupervisedModel
 

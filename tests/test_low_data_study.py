@@ -262,7 +262,7 @@ def test_real_data_cells_sit_on_one_frozen_backbone_and_report_class_agnostic_ap
 
     from pipeline.synth import write_synth_dataset
     from stages.backbone import export_backbone
-    from stages.train_checkpoint import latest_checkpoint, load_training_checkpoint
+    from pipeline.engine.checkpoint import latest_checkpoint, load_training_checkpoint
     from uplvp_model.backbone import build_backbone
     from uplvp_model.self_supervised import SelfSupervisedModel
 

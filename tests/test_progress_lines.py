@@ -9,8 +9,8 @@ from pathlib import Path
 from rich.console import Console
 
 from pipeline.synth import write_synth_dataset
-from stages.progress import LoopProgress, format_duration, line_every
-from stages.run_logging import RunLogger
+from pipeline.engine.progress import LoopProgress, format_duration, line_every
+from pipeline.engine.metrics import RunLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_loop_progress_prints_about_twenty_lines_then_the_last():
 
 def test_loop_progress_spaces_lines_in_time(monkeypatch):
     clock = iter(float(t) for t in range(100))  # one second per call of perf_counter
-    monkeypatch.setattr("stages.progress.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("pipeline.engine.progress.time.perf_counter", lambda: next(clock))
     console, buffer = piped_console()
     with LoopProgress("evaluate", 40, "batches", console=console, min_seconds=5) as report:
         for _ in range(40):

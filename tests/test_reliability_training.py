@@ -23,8 +23,8 @@ from typer.testing import CliRunner
 from pipeline.synth import write_synth_dataset
 from stages.cli import app
 from stages.propose import ProposeConfig, run_propose
-from stages.train_checkpoint import latest_checkpoint, list_checkpoints, load_training_checkpoint
-from stages.trainer import FAULT_ENV, TrainFaults
+from pipeline.engine.checkpoint import latest_checkpoint, list_checkpoints, load_training_checkpoint
+from pipeline.engine import FAULT_ENV, TrainFaults
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = [1, 2, 3, 4, 5, 6]

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from pipeline.errors import InputError
 from stages.cli import app
 from stages.finetune import initialise_from
-from stages.train_checkpoint import LoopPosition, rng_state, save_training_checkpoint
+from pipeline.engine.checkpoint import LoopPosition, rng_state, save_training_checkpoint
 from uplvp_model.backbone import ResNetBackbone
 from uplvp_model.checkpoint import load_backbone_checkpoint
 from uplvp_model.config import model_config

@@ -10,8 +10,8 @@ import torch
 
 import uplvp_model.checkpoint as model_checkpoint
 from pipeline.errors import InputError
-from stages import train_checkpoint as tc
-from stages.train_checkpoint import (
+from pipeline.engine import checkpoint as tc
+from pipeline.engine.checkpoint import (
     LoopPosition,
     checkpoint_name,
     latest_checkpoint,
@@ -22,7 +22,7 @@ from stages.train_checkpoint import (
     save_training_checkpoint,
     set_rng_state,
 )
-from stages.trainer import train
+from pipeline.engine import train
 from test_trainer import Crash, make_net, mse_loss, quiet, synthetic_batches
 
 

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from pipeline.errors import InputError
-from stages.train_checkpoint import latest_checkpoint, list_checkpoints, load_training_checkpoint
-from stages.trainer import (
+from pipeline.engine.checkpoint import latest_checkpoint, list_checkpoints, load_training_checkpoint
+from pipeline.engine import (
     NonFiniteLossError,
     TrainConfig,
     batch_stream,

@@ -40,7 +40,8 @@ from rich.progress import (
 )
 
 from pipeline.atomic import write_text_atomic
-from stages.progress import format_duration
+from pipeline.engine.progress import format_duration
+from pipeline.errors import InputError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -199,3 +200,36 @@ def _num(value: Any) -> str:
     if not isinstance(value, (int, float)):
         return "-"
     return f"{value:.4g}" if math.isfinite(value) else "nan"
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file; a torn last line (a run killed mid-write) is
+    skipped, any other bad line raises :class:`InputError` naming the line."""
+    if not path.is_file():
+        raise InputError("metrics file not found (is this a training run folder?)", path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue
+            raise InputError(f"line {number} is not valid JSON", path) from None
+        if not isinstance(record, dict) or not is_number(record.get("step")):
+            raise InputError(f"line {number} has no numeric 'step'", path)
+        records.append(record)
+    return records
+
+
+def ap_curve(path: Path, key: str = "val/segm_AP") -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key`` on every evaluation line of a ``metrics.jsonl``."""
+    return [(int(r["step"]), float(r[key])) for r in read_metrics(Path(path))
+            if r.get("kind") == "eval" and is_number(r.get(key))]
+
+
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
