@@ -18,7 +18,7 @@ labeled manifest and prints per run:
   for overlays).
 
 A model with a high agnAP and a low AP segments objects but mislabels them. Scores come from
-``pipeline.predictions`` (class probability x mask score), as evaluation computes them.
+``pipeline.evaluation.postprocess`` (class probability x mask score), as evaluation computes them.
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ from pipeline.coco_dataset import eval_loader  # noqa: E402
 from pipeline.errors import InputError  # noqa: E402
 from pipeline.evaluation import evaluate_predictions  # noqa: E402
 from pipeline.manifest import load_manifest  # noqa: E402
-from pipeline.predictions import batch_to_coco_results  # noqa: E402
+from pipeline.evaluation import batch_to_coco_results  # noqa: E402
 from pipeline.transforms import eval_config  # noqa: E402
-from stages.evaluate import load_inference_model  # noqa: E402
+from pipeline.evaluation import load_inference_model
 
 IOU_FOUND = 0.5
 OVERLAY_THRESHOLD = 0.5

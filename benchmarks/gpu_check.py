@@ -153,7 +153,7 @@ def measure_training(task: str, preset: str, decoder: str, amp: str, batch: int,
 
 def measure_evaluation(preset: str, decoder: str, batch: int, height: int, width: int,
                        steps: int, device: str) -> Row:
-    from pipeline.predictions import batch_to_coco_results
+    from pipeline.evaluation import batch_to_coco_results
     from uplvp_model.config import model_config
     from uplvp_model.model import build_model
 
@@ -178,7 +178,7 @@ def measure_evaluation(preset: str, decoder: str, batch: int, height: int, width
 
 
 def measure_propose(model_name: str, batch: int, steps: int, device: str) -> Row:
-    from uplvp_model.proposal.base import build_proposer
+    from uplvp_model.proposal.factory import build_proposer
 
     proposer = build_proposer("clip", model_name=model_name, checkpoint=None, random_weights=True,
                               device=device, vocabulary=["object", "person", "car", "dog"])

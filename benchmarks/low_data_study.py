@@ -51,7 +51,7 @@ from pipeline.manifest import load_manifest, write_manifest  # noqa: E402
 from pipeline.splits import format_percent, sample_subsets, subset_coco  # noqa: E402
 from pipeline.synth import write_synth_dataset  # noqa: E402
 from stages.demo import ap_curve, steps_to_reach  # noqa: E402
-from stages.evaluate import EvaluateConfig, run_evaluate  # noqa: E402
+from stages.evaluate import EvaluateConfig, run_evaluate
 from stages.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from stages.pretrain import LossSection, PretrainConfig, PromptSection, run_pretrain  # noqa: E402
 from stages.propose import ProposeConfig, run_propose  # noqa: E402

@@ -137,7 +137,7 @@ def maskrcnn_results(model, batches, category_ids: list[int], device) -> list[di
     original image size and thresholded at 0.5 (torchvision's convention)."""
     import torch.nn.functional as F
 
-    from pipeline.predictions import Instances, instances_to_coco
+    from pipeline.evaluation import Instances, instances_to_coco
 
     model.eval()
     results: list[dict] = []
@@ -215,7 +215,7 @@ def score_peer(name: str, model: nn.Module, val_set, category_ids: list[int], re
     with ``agnostic`` also ``segm_agnostic`` (``pipeline.evaluation.class_agnostic_segm``)."""
     from pipeline.coco_dataset import eval_loader
     from pipeline.evaluation import class_agnostic_segm, evaluate_predictions
-    from stages.evaluate import evaluate_model
+    from pipeline.evaluation import evaluate_model
 
     batches = eval_loader(val_set, 4, resize=resize, category_map=category_ids).make_batches(0)
     if name == "maskrcnn":

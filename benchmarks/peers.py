@@ -26,7 +26,7 @@ torch threads. The peers get our loader's normalised, padded images; Mask R-CNN'
 is switched off (the loader already resized) and its normalisation is the identity. Every model
 is scored by the same code: ``pipeline.evaluation.evaluate_predictions`` (pycocotools segm) on
 the val manifest at ``--size``; the query models' outputs go through our Mask2Former-style
-post-processing (``pipeline.predictions``), Mask R-CNN's through its own (box score, pasted mask
+post-processing (``pipeline.evaluation.postprocess``), Mask R-CNN's through its own (box score, pasted mask
 probabilities > 0.5).
 
 Each (size, steps, model) cell runs in its own process (``--threads`` torch threads) and writes
@@ -147,7 +147,7 @@ def run_cell(spec: dict) -> dict:
     from pipeline.coco_dataset import category_ids as sorted_category_ids
     from pipeline.manifest import load_manifest
     from pipeline.transforms import AugmentConfig, eval_config
-    from stages.evaluate import load_inference_model
+    from pipeline.evaluation import load_inference_model
     from stages.finetune import FinetuneConfig, run_finetune
     from pipeline.engine.distributed import resolve_device
     from stages.training_setup import DataSection, ModelSection

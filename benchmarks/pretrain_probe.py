@@ -40,9 +40,9 @@ from pipeline.coco_dataset import eval_loader
 from pipeline.errors import InputError
 from pipeline.evaluation import ground_truth_coco, results_coco, run_cocoeval, summary_metrics
 from pipeline.manifest import load_manifest
-from pipeline.predictions import batch_to_coco_results
+from pipeline.evaluation import batch_to_coco_results
 from pipeline.transforms import eval_config
-from stages.evaluate import read_model_checkpoint
+from pipeline.evaluation import read_model_checkpoint
 from uplvp_model.model import build_model
 
 # A pre-training checkpoint holds the PromptedModel: "model.*" plus "prompt_encoder.*" keys.

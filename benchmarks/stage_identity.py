@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import InputError
     from pipeline.manifest import load_manifest
     from pipeline.transforms import eval_config
-    from stages.evaluate import load_inference_model
+    from pipeline.evaluation import load_inference_model
     from uplvp_model.criterion import SetCriterion
 
     torch.set_num_threads(args.threads)

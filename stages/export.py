@@ -29,7 +29,7 @@ from rich.console import Console
 from pipeline.atomic import atomic_path
 from pipeline.errors import InputError
 from stages.config import StageConfig
-from stages.evaluate import load_inference_model
+from pipeline.evaluation import load_inference_model
 from uplvp_model.export import INPUT_NAME, OUTPUT_NAMES, InstanceSegmenter
 
 console = Console(stderr=True)

@@ -15,11 +15,10 @@ from rich.console import Console
 from pipeline.coco_dataset import category_ids as sorted_category_ids
 from pipeline.coco_dataset import eval_loader, finetune_loader
 from pipeline.errors import InputError
-from pipeline.evaluation import flat_metrics
 from pipeline.manifest import load_manifest
 from pipeline.run_record import now_iso, write_run_record
 from stages.config import StageConfig
-from stages.evaluate import evaluate_model
+from pipeline.evaluation import evaluate_model, flat_metrics
 from pipeline.engine.checkpoint import latest_checkpoint, load_training_checkpoint
 from pipeline.engine import (
     BestCheckpointer,
@@ -31,7 +30,7 @@ from pipeline.engine import (
 )
 from stages.training_setup import DataSection, ModelSection, build_stage_model
 from uplvp_model.checkpoint import load_model_state
-from uplvp_model.criterion import REFERENCE_MASK_WEIGHTS, SetCriterion
+from uplvp_model.criterion import SetCriterion, reference_mask_weights
 from uplvp_model.model import QEISModel
 
 console = Console(stderr=True)
@@ -68,8 +67,8 @@ class FinetuneConfig(StageConfig):
 
 def mask_weights(cfg: FinetuneConfig, decoder: str) -> dict[str, float]:
     """``bce_weight`` / ``dice_weight`` of ``cfg``, each None replaced by the decoder's
-    reference (:data:`~uplvp_model.criterion.REFERENCE_MASK_WEIGHTS`)."""
-    reference = REFERENCE_MASK_WEIGHTS[decoder]
+    reference (:func:`~uplvp_model.criterion.reference_mask_weights`)."""
+    reference = reference_mask_weights(decoder)
     return {"bce_weight": reference["bce"] if cfg.bce_weight is None else cfg.bce_weight,
             "dice_weight": reference["dice"] if cfg.dice_weight is None else cfg.dice_weight}
 

@@ -26,11 +26,11 @@ from pipeline.images import ImageReadError, read_image_rgb
 from pipeline.manifest import IMAGE_EXTENSIONS, Dataset, ImageRecord, load_manifest
 from pipeline.run_record import now_iso, write_run_record
 from pipeline.transforms import eval_config
-from stages.config import StageConfig
-from stages.evaluate import (PREDICTIONS_FILE, load_inference_model, predict_results,
-                             report_unreadable)
-from pipeline.engine.progress import progress_mode
 from pipeline.engine.distributed import resolve_device
+from pipeline.engine.progress import progress_mode
+from pipeline.evaluation import load_inference_model, predict_results, report_unreadable
+from stages.config import StageConfig
+from stages.evaluate import PREDICTIONS_FILE
 
 console = Console(stderr=True)
 

@@ -10,9 +10,10 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow.parquet as pq
+from pydantic import field_validator
 from rich.console import Console
 
 from pipeline.errors import InputError
@@ -29,6 +30,7 @@ from pipeline.shards import (
     shard_status,
 )
 from stages.config import StageConfig
+from uplvp_model.proposal.factory import PROPOSERS
 from pipeline.engine.progress import LoopProgress, progress_mode
 from pipeline.engine.distributed import resolve_device
 
@@ -42,7 +44,7 @@ TEXT_CACHE_FILE = TEXT_EMBEDDINGS_FILE  # the text loss of `pretrain` reads it (
 class ProposeConfig(StageConfig):
     images: Path  # dataset manifest of the (unlabeled) images
     out: Path
-    proposer: Literal["classical", "clip", "freemask", "maskcut"] = "classical"
+    proposer: str = "classical"  # a registered proposer: classical, clip, freemask, maskcut
     clip_model: str = "ViT-B-16"
     clip_checkpoint: str | None = None
     backbone_checkpoint: str | None = None
@@ -69,6 +71,11 @@ class ProposeConfig(StageConfig):
         {"images", "out", "device", "num_workers", "ray_address", "shards", "shard_index",
          "num_shards", "overwrite", "random_weights"}
     )
+
+    @field_validator("proposer")
+    @classmethod
+    def _known_proposer(cls, value: str) -> str:
+        return PROPOSERS.check(value)
 
 
 def proposer_options(cfg: ProposeConfig) -> dict[str, Any]:

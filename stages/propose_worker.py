@@ -16,7 +16,8 @@ from pycocotools import mask as mask_utils
 from pipeline.faults import fault_point
 from pipeline.images import ImageReadError, read_image_rgb
 from pipeline.shards import plan_shards, remove_partial_files, write_shard
-from uplvp_model.proposal.base import ProposedMask, build_proposer
+from uplvp_model.proposal.base import ProposedMask
+from uplvp_model.proposal.factory import build_proposer
 from uplvp_model.proposal.ingredients import mask_box_xywh, pack_bits, shape_grid
 
 

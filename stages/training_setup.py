@@ -8,18 +8,19 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from pipeline.errors import InputError
 from pipeline.transforms import AugmentConfig, eval_config
-from uplvp_model.config import ModelConfig, model_config
+from uplvp_model.config import MODEL_PRESETS, ModelConfig, model_config
+from uplvp_model.decoders import DECODERS
 
 
 class ModelSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    preset: Literal["tiny", "small", "lite", "base"] = "small"
-    decoder: Literal["knet", "mask2former"] = "knet"
+    preset: str = "small"  # a file of uplvp_model/model_configs (tiny, small, lite, base)
+    decoder: str = "knet"  # a registered decoder (uplvp_model/decoders: knet, mask2former)
     backbone_checkpoint: str | None = None
     # the backbone's BatchNorm: auto = frozen with a backbone checkpoint, else bn (docs/model.md)
     norm: Literal["auto", "frozen", "bn", "syncbn"] = "auto"
@@ -30,6 +31,19 @@ class ModelSection(BaseModel):
     # another depth or width is an error; finetune's class head is re-initialised either way)
     allow_partial_init: bool = False
     overrides: dict[str, Any] = {}  # any uplvp_model.config.ModelConfig field
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {value!r}; choose one of "
+                             f"{', '.join(sorted(MODEL_PRESETS))}")
+        return value
+
+    @field_validator("decoder")
+    @classmethod
+    def _known_decoder(cls, value: str) -> str:
+        return DECODERS.check(value)
 
     def build_config(self, num_classes: int, freeze_pretrained_backbone: bool = False
                      ) -> ModelConfig:

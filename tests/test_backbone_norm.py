@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from stages.evaluate import model_config_of
+from pipeline.evaluation import model_config_of
 from pipeline.engine import TrainConfig, param_groups
 from stages.training_setup import ModelSection
 from uplvp_model.backbone import freeze_batch_norm
@@ -55,7 +55,7 @@ def test_auto_norm_is_frozen_with_a_backbone_checkpoint_and_stays_resolved():
     # configs stored before the field existed trained with BatchNorm
     legacy = {k: v for k, v in stored.items() if k != "backbone_norm"}
     assert ModelConfig.from_dict(legacy).backbone_norm == "bn"
-    with pytest.raises(ValueError, match="backbone_norm must be one of"):
+    with pytest.raises(ValueError, match="ModelConfig.backbone_norm: Input should be 'auto', 'frozen', 'bn' or 'syncbn'"):
         model_config("tiny", backbone_norm="group")
 
 

@@ -13,7 +13,7 @@ from tests.conftest import free_port, spawn_and_wait
 from pipeline.coco_dataset import eval_loader
 from pipeline.manifest import load_manifest
 from pipeline.transforms import eval_config
-from stages.evaluate import evaluate_model
+from pipeline.evaluation import evaluate_model
 from tests.test_evaluation import STUB_PROBS, BrightRegionModel, write_labeled_set
 
 WORLD = 2

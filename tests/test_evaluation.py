@@ -18,14 +18,15 @@ import stages.evaluate as evaluate_stage
 import stages.predict as predict_stage
 from pipeline.coco import load_coco, mask_to_rle
 from pipeline.errors import InputError
-from pipeline.evaluation import SUMMARY_KEYS, evaluate_predictions, flat_metrics
-from stages.evaluate import (
-    EvaluateConfig,
+from pipeline.evaluation import (
+    SUMMARY_KEYS,
     InferenceModel,
     evaluate_model,
+    evaluate_predictions,
+    flat_metrics,
     model_config_of,
-    run_evaluate,
 )
+from stages.evaluate import EvaluateConfig, run_evaluate
 from stages.inspect_run import curves, plot_run, read_metrics
 from stages.predict import PredictConfig, images_dataset, overlay_name, run_predict
 from uplvp_model.checkpoint import save_model_state

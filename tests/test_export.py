@@ -15,10 +15,10 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.batching import collate
-from pipeline.predictions import postprocess_batch
+from pipeline.evaluation import postprocess_batch
 from pipeline.transforms import Sample, resized_size
 from stages.cli import app
-from stages.evaluate import load_inference_model
+from pipeline.evaluation import load_inference_model
 from stages.export import EXTRA_MISSING, ExportConfig, reference_outputs, run_export
 from uplvp_model.checkpoint import save_model_state
 from uplvp_model.config import model_config
@@ -129,7 +129,7 @@ def test_onnx_matches_pytorch_on_two_image_sizes(preset, overrides, tmp_path):
 def test_graph_module_is_predicts_inference(preset, overrides, tmp_path):
     """Without resizing (the image is already at the short side), the PyTorch graph module
     gives predict's instances: the same scores, labels and binary masks as the original model
-    through ``pipeline.batching.collate`` + ``pipeline.predictions.postprocess_batch``."""
+    through ``pipeline.batching.collate`` + ``pipeline.evaluation.postprocess.postprocess_batch``."""
     checkpoint = save_finetuned(tmp_path / "model.pt", preset, **overrides)
     loaded = load_inference_model(checkpoint, "cpu")
     image = drawn_image(100, 120, seed=3)  # padded to 128 x 128 by both

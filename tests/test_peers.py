@@ -8,7 +8,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline.predictions import batch_to_coco_results
+from pipeline.evaluation import batch_to_coco_results
 
 from benchmark_scripts import load_benchmark
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from pipeline.predictions import (
+from pipeline.evaluation.postprocess import (
     batch_to_coco_results,
     check_category_ids,
     instances_to_coco,
@@ -97,7 +97,7 @@ def test_resize_masks_bilinear_edge_position():
 
 
 def test_resize_masks_chunks_match_one_pass(monkeypatch):
-    import pipeline.predictions as predictions
+    import pipeline.evaluation.postprocess as predictions
 
     torch.manual_seed(0)
     logits = torch.randn(5, 4, 4) * 3

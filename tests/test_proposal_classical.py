@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.synth import synth_example
-from uplvp_model.proposal.base import build_proposer
+from uplvp_model.proposal.factory import build_proposer
 from uplvp_model.proposal.classical import (
     EMBEDDING_DIM,
     ClassicalProposer,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from uplvp_model.proposal import clip_dense
 from uplvp_model.proposal import text as text_module
-from uplvp_model.proposal.base import build_proposer
+from uplvp_model.proposal.factory import build_proposer
 from uplvp_model.proposal.clip_dense import (
     ClipProposer,
     dense_clip_features,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from uplvp_model.proposal.base import build_proposer
+from uplvp_model.proposal.factory import build_proposer
 from uplvp_model.proposal.freemask import FreeMaskProposer, geometry_keep, load_backbone, query_masks
 
 

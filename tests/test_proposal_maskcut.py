@@ -8,7 +8,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from benchmark_scripts import load_benchmark
-from uplvp_model.proposal.base import build_proposer
+from uplvp_model.proposal.factory import build_proposer
 from uplvp_model.proposal.maskcut import MaskCutProposer, maskcut, ncut_value, normalized_cut
 
 

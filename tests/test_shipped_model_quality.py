@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.synth import CATEGORIES, SHAPES, _hsv
-from uplvp_model.proposal.base import build_proposer
+from uplvp_model.proposal.factory import build_proposer
 from uplvp_model.proposal.shipped import file_sha256, is_shipped, shipped_model
 
 NAME = "uplvp-synth-vit"

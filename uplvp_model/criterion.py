@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
+from uplvp_model.decoders import DECODERS
 from uplvp_model.losses import (
     kernel_embedding_loss,
     mask_bce_loss,
@@ -65,7 +66,10 @@ STAGE_ASSIGNMENTS = ("own", "previous")
 # fine-tuning mask-loss (and matching cost) weights of each decoder's reference: K-Net's
 # KernelUpdateHead (BCE 1, dice 4), Mask2Former's criterion (BCE 5, dice 5); both weigh the
 # class term 2
-REFERENCE_MASK_WEIGHTS = {"knet": {"bce": 1.0, "dice": 4.0}, "mask2former": {"bce": 5.0, "dice": 5.0}}
+def reference_mask_weights(decoder: str) -> dict[str, float]:
+    """The BCE / dice weights of ``decoder``'s reference implementation (its registry entry:
+    K-Net 1 / 4, Mask2Former 5 / 5)."""
+    return dict(DECODERS.info(decoder)["reference_mask_weights"])
 
 
 def assignment_layers(outputs: dict, assignment: str) -> list[tuple[str, dict, dict]]:

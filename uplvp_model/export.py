@@ -12,7 +12,7 @@
 
 with K = min(``max_detections``, N * C), fixed when the module is built. Every step is that
 of ``uplvp predict`` run with one image per batch (``pipeline.transforms`` /
-``pipeline.predictions``; the same formulas, written here with tensor sizes so that a trace
+``pipeline.evaluation.postprocess``; the same formulas, written here with tensor sizes so that a trace
 keeps H and W symbolic):
 
 - resized size ``(int(h * scale + 0.5), int(w * scale + 0.5))``, ``scale = min(short_side /
@@ -127,7 +127,7 @@ class InstanceSegmenter(nn.Module):
         return new_h, new_w
 
     def select(self, logits: Tensor, valid_mask_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``pipeline.predictions.select_candidates``: ``(scores [K], class indices [K],
+        """``pipeline.evaluation.postprocess.select_candidates``: ``(scores [K], class indices [K],
         kernel indices [K])`` of the K best (kernel, class) pairs, ties to the lower index."""
         probs = valid_mask_logits.float().sigmoid()
         inside = (valid_mask_logits > 0).to(probs.dtype)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .registry import DECODERS
 
 
 def _fc_blocks(dim: int, count: int) -> nn.Sequential:
@@ -114,6 +115,7 @@ def kernel_masks(kernels: Tensor, mask_features: Tensor) -> Tensor:
     return (kernels @ mask_features.flatten(2)).view(b, kernels.shape[1], h, w)
 
 
+@DECODERS.register("knet", reference_mask_weights={"bce": 1.0, "dice": 4.0})
 class KNetDecoder(nn.Module):
     """Initial kernels (normal, std ``knet_init_std``, None: D^-0.5) plus ``num_stages``
     :class:`KernelUpdateStage` s (see module docstring).

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .registry import DECODERS
 from ..position_encoding import sine_position_map
 
 
@@ -65,6 +66,7 @@ class MaskedAttentionLayer(nn.Module):
         return self.ffn_norm(queries + self.ffn(queries))
 
 
+@DECODERS.register("mask2former", reference_mask_weights={"bce": 5.0, "dice": 5.0})
 class Mask2FormerDecoder(nn.Module):
     """Initial queries plus ``num_stages`` :class:`MaskedAttentionLayer` s.
 

@@ -1,5 +1,6 @@
 """Pseudo-mask proposers for the ``propose`` stage (``clip``, ``freemask``, ``maskcut``,
-``classical``)."""
-from .base import PROPOSER_NAMES, ProposedMask, Proposer, build_proposer
+``classical``): each registers itself by name (``registry.py``); ``factory.build_proposer``
+builds one. Kept light: importing this package imports no proposer."""
+from .base import ProposedMask, Proposer
 
-__all__ = ["PROPOSER_NAMES", "ProposedMask", "Proposer", "build_proposer"]
+__all__ = ["ProposedMask", "Proposer"]

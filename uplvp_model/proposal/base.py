@@ -2,9 +2,8 @@
 proposers."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import cv2
 import numpy as np
@@ -105,30 +104,3 @@ def mask_to_canvas(mask: np.ndarray, box: Letterbox, canvas_hw: tuple[int, int])
     )
     out[: box.scaled_height, : box.scaled_width] = resized
     return out
-
-
-def _constructors() -> dict[str, Callable[..., Proposer]]:
-    # Imported here, not at module top, because these modules import this one.
-    from .classical import ClassicalProposer
-    from .clip_dense import ClipProposer
-    from .freemask import FreeMaskProposer
-    from .maskcut import MaskCutProposer
-
-    return {"classical": ClassicalProposer, "clip": ClipProposer, "freemask": FreeMaskProposer,
-            "maskcut": MaskCutProposer}
-
-
-PROPOSER_NAMES = ("classical", "clip", "freemask", "maskcut")
-
-
-def build_proposer(name: str, **options: Any) -> Proposer:
-    """Build the proposer called ``name`` (one of :data:`PROPOSER_NAMES`) with its keyword
-    options. Unknown names or options raise ``ValueError``."""
-    if name not in PROPOSER_NAMES:
-        raise ValueError(f"unknown proposer {name!r}; choose one of {', '.join(PROPOSER_NAMES)}")
-    constructor = _constructors()[name]
-    try:
-        inspect.signature(constructor).bind(**options)
-    except TypeError as err:
-        raise ValueError(f"proposer {name!r}: {err}") from None
-    return constructor(**options)

@@ -39,6 +39,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .base import ProposedMask, check_rgb_image
+from .registry import PROPOSERS
 from .ingredients import l2_normalise
 from .masks import mask_nms
 
@@ -373,6 +374,7 @@ def _sqrt_hist(hist: np.ndarray) -> np.ndarray:
     return np.sqrt(hist / total) if total > 0 else np.zeros_like(hist, dtype=np.float64)
 
 
+@PROPOSERS.register("classical")
 class ClassicalProposer:
     """Weight-free proposer (no checkpoint): see the module docstring for the algorithm."""
 

@@ -27,6 +27,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from .base import Letterbox, ProposedMask, letterbox_batch, mask_to_canvas
+from .registry import PROPOSERS
 from .ingredients import mask_pooled_embedding
 from .masks import masks_from_probability_maps
 from .shipped import is_shipped, shipped_model
@@ -275,6 +276,7 @@ def dense_clip_features(model: torch.nn.Module, images: torch.Tensor,
     return tokens.transpose(1, 2).reshape(batch, -1, grid[0], grid[1])
 
 
+@PROPOSERS.register("clip")
 class ClipProposer:
     """The ``clip`` proposer: dense CLIP features vs. text embeddings of a vocabulary.
 

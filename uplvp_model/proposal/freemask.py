@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Letterbox, ProposedMask, letterbox_batch, mask_to_canvas
+from .registry import PROPOSERS
 from .features import load_feature_backbone
 from .ingredients import mask_pooled_embedding
 from .masks import matrix_nms
@@ -89,6 +90,7 @@ def geometry_keep(binary: torch.Tensor, max_width_fraction: float, top_band: flo
     return nonempty & (box_width < max_width_fraction * width) & (centre_y >= top_band * height)
 
 
+@PROPOSERS.register("freemask")
 class FreeMaskProposer:
     """The ``freemask`` proposer (see module docstring)."""
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Letterbox, ProposedMask, letterbox_batch, mask_to_canvas
+from .registry import PROPOSERS
 from .features import load_feature_backbone
 from .freemask import IMAGENET_MEAN, IMAGENET_STD
 from .ingredients import mask_pooled_embedding
@@ -125,6 +126,7 @@ def maskcut(features: np.ndarray, tau: float, num_cuts: int, center: bool = True
     return results
 
 
+@PROPOSERS.register("maskcut")
 class MaskCutProposer:
     """The ``maskcut`` proposer (see module docstring)."""
 

@@ -18,11 +18,17 @@ valid input: every AP with ground truth is 0.0.
 As in Detectron2, ``segm`` is scored with the results' ``bbox`` removed, so that pycocotools
 takes each detection's area from its mask (the area decides which APs/APm/APl range a
 detection belongs to); ``bbox`` is scored from the results' boxes.
+
+Backends (``backend=``): ``"pycocotools"`` (the reference) and ``"faster-coco-eval"`` (its C++
+reimplementation, same numbers: ``benchmarks/coco_eval_speed.py``); the default is
+faster-coco-eval where it is installed (a core dependency), else pycocotools. Both read the same
+pycocotools ``COCO`` objects and fill the same ``eval["precision"]`` array.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import io
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -33,6 +39,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline.errors import InputError
+
+COCO_BACKENDS = ("pycocotools", "faster-coco-eval")
 
 IOU_TYPES = ("segm", "bbox")
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -107,21 +115,48 @@ def results_coco(gt: COCO, results: Sequence[dict], iou_type: str) -> COCO:
     return res
 
 
-def run_cocoeval(gt: COCO, dt: COCO, iou_type: str) -> COCOeval:
-    """``COCOeval`` evaluated, accumulated and summarised (its printing silenced)."""
-    evaluator = COCOeval(gt, dt, iouType=iou_type)
+def available_backends() -> tuple[str, ...]:
+    """The :data:`COCO_BACKENDS` installed here, reference first."""
+    faster = importlib.util.find_spec("faster_coco_eval") is not None
+    return ("pycocotools", "faster-coco-eval") if faster else ("pycocotools",)
+
+
+def default_backend() -> str:
+    """faster-coco-eval where installed, else pycocotools."""
+    return available_backends()[-1]
+
+
+def make_cocoeval(gt: COCO, dt: COCO, iou_type: str, backend: str | None = None):
+    """A ``COCOeval`` of ``backend`` (:func:`default_backend` when None) over ``gt`` / ``dt``."""
+    backend = backend or default_backend()
+    if backend == "faster-coco-eval":
+        from faster_coco_eval import COCOeval_faster
+
+        return COCOeval_faster(gt, dt, iouType=iou_type, print_function=lambda *a, **k: None)
+    if backend == "pycocotools":
+        return COCOeval(gt, dt, iouType=iou_type)
+    raise ValueError(f"unknown COCO backend {backend!r}; choose one of {', '.join(COCO_BACKENDS)}")
+
+
+def run_cocoeval(gt: COCO, dt: COCO, iou_type: str, backend: str | None = None,
+                 use_cats: bool = True):
+    """``COCOeval`` evaluated, accumulated and summarised (its printing silenced);
+    ``use_cats=False``: class-agnostic matching."""
+    evaluator = make_cocoeval(gt, dt, iou_type, backend)
+    if not use_cats:
+        evaluator.params.useCats = 0
     _quiet(evaluator.evaluate)
     _quiet(evaluator.accumulate)
     _quiet(evaluator.summarize)
     return evaluator
 
 
-def summary_metrics(evaluator: COCOeval) -> dict[str, float | None]:
+def summary_metrics(evaluator) -> dict[str, float | None]:
     """AP, AP50, AP75, APs, APm, APl from ``evaluator.stats`` (-1 -> None)."""
     return {key: _value(evaluator.stats[i]) for i, key in enumerate(SUMMARY_KEYS)}
 
 
-def per_category_ap(evaluator: COCOeval, gt: COCO) -> list[dict]:
+def per_category_ap(evaluator, gt: COCO) -> list[dict]:
     """Per category (ascending id): ``{"category_id", "name", "num_gt", "AP"}``.
 
     AP is the mean of ``eval["precision"][iou, recall, k, area=all, maxDets=last]`` over the
@@ -144,7 +179,7 @@ def per_category_ap(evaluator: COCOeval, gt: COCO) -> list[dict]:
 
 
 def evaluate_predictions(coco_gt: dict, results: list[dict],
-                         iou_types: Sequence[str] = IOU_TYPES) -> dict:
+                         iou_types: Sequence[str] = IOU_TYPES, backend: str | None = None) -> dict:
     """COCO metrics of ``results`` (COCO results dicts with RLE ``segmentation``, ``bbox``,
     ``score``) against ``coco_gt`` (a COCO instances dict); format in the module docstring."""
     unknown = sorted(set(iou_types) - set(IOU_TYPES))
@@ -158,7 +193,7 @@ def evaluate_predictions(coco_gt: dict, results: list[dict],
                 raise InputError(f"results[{i}] lacks 'bbox' (needed for bbox AP)")
     metrics: dict = {"per_category": {}}
     for iou_type in iou_types:
-        evaluator = run_cocoeval(gt, results_coco(gt, results, iou_type), iou_type)
+        evaluator = run_cocoeval(gt, results_coco(gt, results, iou_type), iou_type, backend)
         metrics[iou_type] = summary_metrics(evaluator)
         metrics["per_category"][iou_type] = per_category_ap(evaluator, gt)
     metrics["num_images"] = len(gt.imgs)
@@ -166,7 +201,8 @@ def evaluate_predictions(coco_gt: dict, results: list[dict],
     return metrics
 
 
-def class_agnostic_segm(coco_gt: dict, results: Sequence[dict]) -> dict[str, float | None]:
+def class_agnostic_segm(coco_gt: dict, results: Sequence[dict],
+                        backend: str | None = None) -> dict[str, float | None]:
     """Class-agnostic mask AP of ``results`` (``SUMMARY_KEYS``): COCOeval ``segm`` with
     ``useCats = 0`` (a detection may match an instance of any category), after merging the
     results that are the same mask of the same image (a query model's post-processing emits a
@@ -182,11 +218,8 @@ def class_agnostic_segm(coco_gt: dict, results: Sequence[dict]) -> dict[str, flo
         if key not in best or res["score"] > best[key]["score"]:
             best[key] = res
     merged = list(best.values())
-    evaluator = COCOeval(gt, results_coco(gt, merged, "segm"), iouType="segm")
-    evaluator.params.useCats = 0
-    _quiet(evaluator.evaluate)
-    _quiet(evaluator.accumulate)
-    _quiet(evaluator.summarize)
+    evaluator = run_cocoeval(gt, results_coco(gt, merged, "segm"), "segm", backend,
+                             use_cats=False)
     return summary_metrics(evaluator)
 
 
