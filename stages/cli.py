@@ -39,6 +39,11 @@ data_app.add_typer(convert_app, name="convert")
 app.add_typer(inspect_app, name="inspect")
 
 ConfigOpt = typer.Option(None, "--config", help="YAML file of options; CLI options override it.")
+SetOpt = typer.Option(
+    None, "--set", metavar="KEY=VALUE",
+    help="Any config field, also one without an option here: key=value, dotted for sections "
+         "(--set train.lr=1e-3 --set model.overrides.dropout=0.1); the value is read as YAML; "
+         "applied last (after --config and the options above).")
 NoProgressOpt = typer.Option(
     False, "--no-progress",
     help="No progress bars: plain progress lines, as printed where stderr is not a terminal.")
@@ -104,6 +109,7 @@ def stage_propose(
     num_shards: Optional[int] = typer.Option(None, help="Array task count N: run shards k = I mod N."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Redo completed shards."),
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
     """Masks Proposal: pseudo instance masks + prompt ingredients as Parquet shards."""
@@ -120,8 +126,7 @@ def stage_propose(
             batch_size=batch_size, max_side=max_side, device=device, num_workers=num_workers,
             ray_address=ray_address, shards=shards, shard_index=shard_index,
             num_shards=num_shards, overwrite=overwrite,
-        ),
-    )
+        ), sets)
     code = run_propose(cfg, progress=not no_progress)
     if code:
         raise typer.Exit(code)
@@ -190,6 +195,7 @@ def stage_backbone(
     on_nan: Optional[str] = OnNanOpt,
     checkpoint_every: Optional[int] = CheckpointEveryOpt,
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
     """Self-supervised backbone pre-training (MoCo v2 / DenseCL) on unlabeled images; writes
@@ -202,7 +208,7 @@ def stage_backbone(
         "train.max_steps": max_steps, "data.batch_size": batch_size, "train.lr": lr,
         "data.num_workers": num_workers, "data.seed": seed, "device": device, "resume": resume,
         "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every,
-    })
+    }, sets)
     run_backbone(cfg, progress=not no_progress)
 
 
@@ -234,6 +240,7 @@ def stage_pretrain(
     amp: Optional[str] = AmpOpt,
     accumulation_steps: Optional[int] = AccumulationOpt,
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
     """Prompt-kernel matching + kernel supervision on the proposal shards."""
@@ -249,7 +256,7 @@ def stage_pretrain(
             lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
             on_nan=on_nan, checkpoint_every=checkpoint_every, amp=amp,
             accumulation_steps=accumulation_steps),
-    })
+    }, sets)
     run_pretrain(cfg, progress=not no_progress)
 
 
@@ -284,6 +291,7 @@ def stage_finetune(
     amp: Optional[str] = AmpOpt,
     accumulation_steps: Optional[int] = AccumulationOpt,
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
     """Fine-tune on a small labeled COCO-format set (from a pre-trained checkpoint or scratch)."""
@@ -299,7 +307,7 @@ def stage_finetune(
             lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
             on_nan=on_nan, checkpoint_every=checkpoint_every, amp=amp,
             accumulation_steps=accumulation_steps),
-    })
+    }, sets)
     run_finetune(cfg, progress=not no_progress)
 
 
@@ -316,6 +324,7 @@ def stage_evaluate(
     max_detections: Optional[int] = typer.Option(None, help="Detections per image (default 100)."),
     device: Optional[str] = DeviceOpt,
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
     """COCO mask AP (and box AP) of a checkpoint on a labeled manifest (exit 1: some images
@@ -324,7 +333,7 @@ def stage_evaluate(
 
     cfg = load_config(EvaluateConfig, config, dict(
         checkpoint=checkpoint, data=data, out=out, batch_size=batch_size, short_side=short_side,
-        score_threshold=score_threshold, max_detections=max_detections, device=device))
+        score_threshold=score_threshold, max_detections=max_detections, device=device), sets)
     if run_evaluate(cfg, progress=not no_progress)["unreadable"]:
         raise typer.Exit(EXIT_SOME_IMAGES_UNREADABLE)
 
@@ -342,6 +351,7 @@ def predict(
     overlays: Optional[bool] = typer.Option(None, "--overlays", help="Also write overlay PNGs."),
     device: Optional[str] = DeviceOpt,
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
     """Inference on new images: COCO results JSON and optional overlays (exit 1: some images
@@ -351,7 +361,7 @@ def predict(
 
     cfg = load_config(PredictConfig, config, dict(
         checkpoint=checkpoint, images=images, out=out, batch_size=batch_size,
-        short_side=short_side, score_threshold=score_threshold, overlays=overlays, device=device))
+        short_side=short_side, score_threshold=score_threshold, overlays=overlays, device=device), sets)
     if run_predict(cfg, progress=not no_progress)["num_unreadable"]:
         raise typer.Exit(EXIT_SOME_IMAGES_UNREADABLE)
 
@@ -410,6 +420,7 @@ def data_synth(
     num_val: Optional[int] = typer.Option(None, help="Labeled val images (default 60)."),
     image_size: Optional[int] = typer.Option(None, help="Base image side in px (default 128)."),
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
     """Write the deterministic synthetic demo dataset: unlabeled pool, train and val sets
@@ -426,8 +437,7 @@ def data_synth(
             num_train=num_train,
             num_val=num_val,
             image_size=image_size,
-        ),
-    )
+        ), sets)
     run_synth(cfg, progress=not no_progress)
 
 
@@ -450,6 +460,7 @@ def data_split(
         None, "--out", help="Output folder (default: beside the annotations)."
     ),
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Seeded image-level low-data subsets, named like instances_train2017.{seed}@{percent}.json,
     plus a manifest for each. One seed gives nested subsets (1% in 5% in 10%)."""
@@ -466,8 +477,7 @@ def data_split(
             percent=percents or None,
             seed=seed or None,
             out=out,
-        ),
-    )
+        ), sets)
     run_split(cfg)
 
 
@@ -493,14 +503,14 @@ def convert_cityscapes(
     out: Optional[Path] = typer.Option(None, "--out", help="Output COCO JSON."),
     min_area: Optional[int] = typer.Option(None, help="Drop instances smaller than this (px)."),
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
     """Cityscapes gtFine *_instanceIds.png -> COCO instances JSON (8 instance classes)."""
     from stages.data import CityscapesConfig, run_convert_cityscapes
 
     cfg = load_config(
-        CityscapesConfig, config, dict(root=root, split=split, out=out, min_area=min_area)
-    )
+        CityscapesConfig, config, dict(root=root, split=split, out=out, min_area=min_area), sets)
     run_convert_cityscapes(cfg, progress=not no_progress)
 
 
@@ -514,6 +524,7 @@ def convert_ctw1500(
         None, "--label-format", help="auto | curve | polygon (default auto)."
     ),
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
     """CTW1500 curved-text polygons -> COCO instances JSON (one category: text)."""
@@ -522,8 +533,7 @@ def convert_ctw1500(
     cfg = load_config(
         Ctw1500Config,
         config,
-        dict(images=images, labels=labels, out=out, label_format=label_format),
-    )
+        dict(images=images, labels=labels, out=out, label_format=label_format), sets)
     run_convert_ctw1500(cfg, progress=not no_progress)
 
 
@@ -558,6 +568,7 @@ def demo(
     clip_checkpoint: Optional[str] = typer.Option(
         None, "--clip-checkpoint", help="Its weights file (default: the shipped model's)."),
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
     no_progress: bool = NoProgressOpt,
 ) -> None:
     """The whole pipeline on embedded synthetic data: synth -> propose -> pretrain -> finetune
@@ -567,7 +578,7 @@ def demo(
     cfg = load_config(DemoConfig, config, dict(
         out=out, seed=seed, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,
         propose_workers=propose_workers, proposer=proposer, clip_model=clip_model,
-        clip_checkpoint=clip_checkpoint))
+        clip_checkpoint=clip_checkpoint), sets)
     run_demo(cfg, progress=not no_progress)
 
 
@@ -589,6 +600,7 @@ def export(
     verify: Optional[bool] = typer.Option(
         None, "--verify/--no-verify", help="Check the graph against PyTorch (default on)."),
     config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
 ) -> None:
     """Export a fine-tuned checkpoint to ONNX: uint8 image [1, 3, H, W] in (any size), mask
     probabilities, scores and category ids out (needs the export extra; docs/export.md)."""
@@ -597,7 +609,7 @@ def export(
     cfg = load_config(ExportConfig, config, dict(
         checkpoint=checkpoint, out=out, opset=opset, max_detections=max_detections,
         short_side=short_side, max_long_side=max_long_side, torchscript=torchscript,
-        verify=verify))
+        verify=verify), sets)
     run_export(cfg)
 
 

@@ -1,6 +1,6 @@
 """Typed stage configs: YAML file + CLI overrides -> one validated pydantic object.
 
-Precedence: defaults < ``--config FILE.yaml`` < explicit CLI options. Unknown keys are errors
+Precedence: defaults < ``--config FILE.yaml`` < explicit CLI options < ``--set key=value``. Unknown keys are errors
 (a typo in a YAML file must not be silently ignored). Each stage defines one ``StageConfig``
 subclass; ``HASH_EXCLUDE`` names the fields that do not change outputs (workers, progress bars)
 and so are left out of the config hash that marks completed work.
@@ -38,11 +38,44 @@ class StageConfig(BaseModel):
 C = TypeVar("C", bound=StageConfig)
 
 
-def load_config(cls: type[C], config_file: Path | None, overrides: dict[str, Any]) -> C:
-    """Build ``cls`` from an optional YAML file, then apply the non-None ``overrides``.
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``--set key=value`` items -> ``{key: value}``; the value is read as YAML (``1e-3``,
+    ``true``, ``[1, 2]``, ``null``; anything else stays a string). One :class:`InputError`
+    line for an item without ``=`` or a value that is not valid YAML."""
+    values: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise InputError(f"--set {item!r}: expected key=value (dotted keys for sections, "
+                             f"e.g. train.lr=1e-3)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise InputError(f"--set {item!r}: the value is not valid YAML") from None
+        values[key.strip()] = _number(value)
+    return values
 
-    An override key ``"train.max_steps"`` sets field ``max_steps`` of the nested section
-    ``train`` (keeping the section's other values from the file)."""
+
+def _number(value: Any) -> Any:
+    """A string that Python reads as a number, as that number (YAML 1.1 reads ``1e-3``, with
+    no dot, as a string)."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
+
+
+def load_config(cls: type[C], config_file: Path | None, overrides: dict[str, Any],
+                sets: list[str] | None = None) -> C:
+    """Build ``cls`` from an optional YAML file, then apply the non-None ``overrides`` (the
+    named CLI options), then the ``--set key=value`` items (any field, also one without a
+    named option).
+
+    A key ``"train.max_steps"`` sets field ``max_steps`` of the nested section ``train``
+    (keeping the section's other values from the file)."""
     values: dict[str, Any] = {}
     source = "command line"
     if config_file is not None:
@@ -61,6 +94,8 @@ def load_config(cls: type[C], config_file: Path | None, overrides: dict[str, Any
     for key, value in overrides.items():
         if value is not None:
             _set_dotted(values, key, value)
+    for key, value in parse_sets(sets).items():
+        _set_dotted(values, key, value)
     _fill_section_defaults(cls, values)
     try:
         return cls.model_validate(values)
