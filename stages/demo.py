@@ -108,54 +108,14 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     data = demo_data_section(cfg)
     text_weight = cfg.resolved_text_weight()
     step("pretrain", f"pretrain ({describe_pretrain(cfg.prompt.inject, text_weight)})")
-    run_pretrain(
-        PretrainConfig(
-            shards=out / "propose", out=out / "pretrain", model=cfg.model, data=data,
-            prompt=cfg.prompt, loss=LossSection(num_points=None, text=text_weight),
-            train=TrainConfig(max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
-                              warmup_steps=min(100, cfg.pretrain_steps // 10),
-                              checkpoint_every=max(1, cfg.pretrain_steps // 3),
-                              log_every=50, seed=cfg.seed, progress=progress),
-            resume=True,
-        ),
-        progress=progress,
-    )
+    run_pretrain(pretrain_config(cfg, out, data, text_weight, progress), progress=progress)
     done("pretrain")
 
     reports = {}
     for arm in ARMS:
         name = f"finetune ({arm})"
         step(name)
-        run_dir = out / f"finetune_{arm}"
-        run_finetune(
-            FinetuneConfig(
-                train_data=data_dir / "train.yaml", val_data=data_dir / "val.yaml",
-                init=str(out / "pretrain") if arm == "pretrained" else "none",
-                out=run_dir, model=cfg.model, data=data, num_points=None,
-                train=TrainConfig(max_steps=cfg.finetune_steps, lr=cfg.finetune_lr,
-                                  warmup_steps=min(50, cfg.finetune_steps // 10),
-                                  eval_every=cfg.eval_every,
-                                  checkpoint_every=max(1, cfg.finetune_steps // 2),
-                                  log_every=50, seed=cfg.seed, progress=progress),
-                resume=True,
-            ),
-            progress=progress,
-        )
-        reports[arm] = run_evaluate(
-            EvaluateConfig(checkpoint=run_dir, data=data_dir / "val.yaml",
-                           out=out / f"evaluate_{arm}", short_side=data.eval_short_side,
-                           max_long_side=data.max_long_side,
-                           batch_size=4),
-            progress=progress,
-        )
-        run_predict(
-            PredictConfig(checkpoint=run_dir, images=data_dir / "val.yaml",
-                          out=out / f"predict_{arm}", short_side=data.eval_short_side,
-                          max_long_side=data.max_long_side,
-                          score_threshold=cfg.overlay_score_threshold, batch_size=4,
-                          overlays=True),
-            progress=progress,
-        )
+        reports[arm] = finetune_arm(cfg, arm, out, data, progress)
         done(name)
 
     curves = {arm: ap_curve(out / f"finetune_{arm}" / METRICS_FILE) for arm in ARMS}
@@ -179,6 +139,57 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         "real CLIP gives on real photos."
     )
     return summary
+
+
+def pretrain_config(cfg: DemoConfig, out: Path, data: DataSection, text_weight: float,
+                    progress: bool) -> PretrainConfig:
+    """The demo's pre-training: UPLVP on the proposal shards, ``cfg.pretrain_steps`` steps."""
+    return PretrainConfig(
+        shards=out / "propose", out=out / "pretrain", model=cfg.model, data=data,
+        prompt=cfg.prompt, loss=LossSection(num_points=None, text=text_weight),
+        train=TrainConfig(max_steps=cfg.pretrain_steps, lr=cfg.pretrain_lr,
+                          warmup_steps=min(100, cfg.pretrain_steps // 10),
+                          checkpoint_every=max(1, cfg.pretrain_steps // 3),
+                          log_every=50, seed=cfg.seed, progress=progress),
+        resume=True,
+    )
+
+
+def finetune_arm(cfg: DemoConfig, arm: str, out: Path, data: DataSection, progress: bool
+                 ) -> dict:
+    """Fine-tune one arm (from the pre-trained kernels or from scratch: only ``init`` and the
+    folders differ), evaluate its final checkpoint on val, draw its overlays; returns the
+    evaluation report."""
+    data_dir, run_dir = out / "data", out / f"finetune_{arm}"
+    run_finetune(
+        FinetuneConfig(
+            train_data=data_dir / "train.yaml", val_data=data_dir / "val.yaml",
+            init=str(out / "pretrain") if arm == "pretrained" else "none",
+            out=run_dir, model=cfg.model, data=data, num_points=None,
+            train=TrainConfig(max_steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                              warmup_steps=min(50, cfg.finetune_steps // 10),
+                              eval_every=cfg.eval_every,
+                              checkpoint_every=max(1, cfg.finetune_steps // 2),
+                              log_every=50, seed=cfg.seed, progress=progress),
+            resume=True,
+        ),
+        progress=progress,
+    )
+    report = run_evaluate(
+        EvaluateConfig(checkpoint=run_dir, data=data_dir / "val.yaml",
+                       out=out / f"evaluate_{arm}", short_side=data.eval_short_side,
+                       max_long_side=data.max_long_side, batch_size=4),
+        progress=progress,
+    )
+    run_predict(
+        PredictConfig(checkpoint=run_dir, images=data_dir / "val.yaml",
+                      out=out / f"predict_{arm}", short_side=data.eval_short_side,
+                      max_long_side=data.max_long_side,
+                      score_threshold=cfg.overlay_score_threshold, batch_size=4,
+                      overlays=True),
+        progress=progress,
+    )
+    return report
 
 
 def describe_proposer(cfg: DemoConfig) -> str:

@@ -15,7 +15,7 @@ from rich.console import Console
 from pipeline.coco_dataset import category_ids as sorted_category_ids
 from pipeline.coco_dataset import eval_loader, finetune_loader
 from pipeline.errors import InputError
-from pipeline.manifest import load_manifest
+from pipeline.manifest import Dataset, load_manifest
 from pipeline.run_record import now_iso, write_run_record
 from stages.config import StageConfig
 from pipeline.evaluation import evaluate_model, flat_metrics
@@ -73,8 +73,9 @@ def mask_weights(cfg: FinetuneConfig, decoder: str) -> dict[str, float]:
             "dice_weight": reference["dice"] if cfg.dice_weight is None else cfg.dice_weight}
 
 
-def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
-    started = now_iso()
+def load_datasets(cfg: FinetuneConfig) -> tuple[Dataset, Dataset | None, list[int]]:
+    """(train set, val set or None, category ids): both labeled, with the same categories
+    (one :class:`InputError` line otherwise)."""
     train_set = load_manifest(cfg.train_data)
     if not train_set.labeled:
         raise InputError("the fine-tuning manifest has no annotations", cfg.train_data)
@@ -87,7 +88,12 @@ def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         if sorted_category_ids(val_set.categories) != category_ids:
             raise InputError("validation categories differ from the training categories",
                              cfg.val_data)
+    return train_set, val_set, category_ids
 
+
+def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
+    started = now_iso()
+    train_set, val_set, category_ids = load_datasets(cfg)
     info, device = init_distributed(cfg.device)
     model_cfg = cfg.model.build_config(num_classes=len(category_ids))
     seed_all(cfg.train.seed)  # the initial weights depend on the seed only, not on earlier RNG use

@@ -82,20 +82,11 @@ class PretrainConfig(StageConfig):
     HASH_EXCLUDE = frozenset({"out", "device", "resume"})
 
 
-def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
-    started = now_iso()
-    grid_size = _proposal_grid_size(cfg.shards)
-    info, device = init_distributed(cfg.device)
-    loader = pretrain_loader(
-        cfg.shards,
-        cfg.data.batch_size,
-        seed=cfg.data.seed,
-        augment_config=cfg.data.augment(),
-        mask_filter=MaskFilter(cfg.masks.min_score, cfg.masks.min_area, cfg.masks.max_masks),
-        grid_size=grid_size,
-        **cfg.data.worker_options(device),
-    )
-    embedding_dim = loader.source.embedding_dim
+def build_pretraining_unit(cfg: PretrainConfig, grid_size: int, embedding_dim: int | None,
+                           loader, device):
+    """``(model_cfg, PromptedModel, PretrainCriterion, text embeddings or None)`` on ``device``:
+    the QEIS model (seeded by ``cfg.train.seed``), the prompt encoder, the criterion (with the
+    text projection when the text loss is on) and the prompted model that trains them."""
     model_cfg = cfg.model.build_config(num_classes=1, freeze_pretrained_backbone=True)
     seed_all(cfg.train.seed)  # the initial weights depend on the seed only, not on earlier RNG use
     model = build_stage_model(model_cfg)
@@ -126,6 +117,26 @@ def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         model, encoder, strategy=p.strategy, prompts_per_image=p.prompts_per_image,
         dropout=p.dropout, inject_prompts=p.inject, text_projection=criterion.text_projection,
     ).to(device)
+    return model_cfg, prompted, criterion, text
+
+
+def run_pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
+    started = now_iso()
+    grid_size = _proposal_grid_size(cfg.shards)
+    info, device = init_distributed(cfg.device)
+    loader = pretrain_loader(
+        cfg.shards,
+        cfg.data.batch_size,
+        seed=cfg.data.seed,
+        augment_config=cfg.data.augment(),
+        mask_filter=MaskFilter(cfg.masks.min_score, cfg.masks.min_area, cfg.masks.max_masks),
+        grid_size=grid_size,
+        **cfg.data.worker_options(device),
+    )
+    embedding_dim = loader.source.embedding_dim
+    model_cfg, prompted, criterion, text = build_pretraining_unit(cfg, grid_size, embedding_dim,
+                                                                  loader, device)
+    p = cfg.prompt
     text_embeddings = text.embeddings.to(device) if text is not None else None
 
     def loss_fn(module, batch, step):
