@@ -1,0 +1,111 @@
+"""`uplvp predict`, `uplvp demo`, `uplvp export`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.cli.common import (
+    ConfigOpt,
+    DeviceOpt,
+    NoProgressOpt,
+    SetOpt,
+    app,
+)
+from stages.config import load_config
+from stages.errors import user_errors
+
+@app.command("predict")
+@user_errors
+def predict(
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Fine-tuned checkpoint file or run folder (its latest)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of images or a manifest."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch (default 2)."),
+    short_side: Optional[int] = typer.Option(None, help="Resize short side (default 800)."),
+    score_threshold: Optional[float] = typer.Option(None, help="Keep detections from (default 0.5)."),
+    overlays: Optional[bool] = typer.Option(None, "--overlays", help="Also write overlay PNGs."),
+    device: Optional[str] = DeviceOpt,
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Inference on new images: COCO results JSON and optional overlays (exit 1: some images
+    could not be read; the others are predicted, the failed listed in OUT/unreadable.json)."""
+    from stages.evaluate import EXIT_SOME_IMAGES_UNREADABLE
+    from stages.predict import PredictConfig, run_predict
+
+    cfg = load_config(PredictConfig, config, dict(
+        checkpoint=checkpoint, images=images, out=out, batch_size=batch_size,
+        short_side=short_side, score_threshold=score_threshold, overlays=overlays, device=device), sets)
+    if run_predict(cfg, progress=not no_progress)["num_unreadable"]:
+        raise typer.Exit(EXIT_SOME_IMAGES_UNREADABLE)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+@user_errors
+def demo(
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default demo_run)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default 0)."),
+    pretrain_steps: Optional[int] = typer.Option(
+        None, help="Pre-training steps (default 1000)."),
+    finetune_steps: Optional[int] = typer.Option(
+        None, help="Fine-tuning steps of each arm (default 200)."),
+    propose_workers: Optional[int] = typer.Option(
+        None, help="Ray actors for propose (default 2; 0: no Ray)."),
+    proposer: Optional[str] = typer.Option(
+        None, "--proposer", help="Pseudo masks: clip (the shipped toy CLIP) or classical "
+        "(weight-free, no CLIP; text loss off)."),
+    clip_model: Optional[str] = typer.Option(
+        None, "--clip-model", help="CLIP of the clip proposer (default uplvp-synth-vit, shipped)."),
+    clip_checkpoint: Optional[str] = typer.Option(
+        None, "--clip-checkpoint", help="Its weights file (default: the shipped model's)."),
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """The whole pipeline on embedded synthetic data: synth -> propose -> pretrain -> finetune
+    from the pre-trained kernels and from scratch (same budget) -> evaluate -> comparison."""
+    from stages.demo import DemoConfig, run_demo
+
+    cfg = load_config(DemoConfig, config, dict(
+        out=out, seed=seed, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,
+        propose_workers=propose_workers, proposer=proposer, clip_model=clip_model,
+        clip_checkpoint=clip_checkpoint), sets)
+    run_demo(cfg, progress=not no_progress)
+
+
+@app.command("export")
+@user_errors
+def export(
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Fine-tuned checkpoint file or run folder (its latest)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="ONNX file to write (.onnx)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset, 14..20 (default 17)."),
+    max_detections: Optional[int] = typer.Option(
+        None, "--max-detections", help="Detections the graph returns (default 100)."),
+    short_side: Optional[int] = typer.Option(
+        None, help="Resize short side inside the graph (default 800)."),
+    max_long_side: Optional[int] = typer.Option(
+        None, help="Resize long side cap inside the graph (default 1333)."),
+    torchscript: Optional[bool] = typer.Option(
+        None, "--torchscript", help="Also write a TorchScript module (OUT .torchscript.pt)."),
+    verify: Optional[bool] = typer.Option(
+        None, "--verify/--no-verify", help="Check the graph against PyTorch (default on)."),
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+) -> None:
+    """Export a fine-tuned checkpoint to ONNX: uint8 image [1, 3, H, W] in (any size), mask
+    probabilities, scores and category ids out (needs the export extra; docs/export.md)."""
+    from stages.export import ExportConfig, run_export
+
+    cfg = load_config(ExportConfig, config, dict(
+        checkpoint=checkpoint, out=out, opset=opset, max_detections=max_detections,
+        short_side=short_side, max_long_side=max_long_side, torchscript=torchscript,
+        verify=verify), sets)
+    run_export(cfg)

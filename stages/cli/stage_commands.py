@@ -1,0 +1,267 @@
+"""`uplvp stage propose|backbone|pretrain|finetune|evaluate`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from stages.cli.common import (
+    AccumulationOpt,
+    AllowPartialInitOpt,
+    AmpOpt,
+    BackboneLrOpt,
+    BatchSizeOpt,
+    CheckpointEveryOpt,
+    ConfigOpt,
+    DecoderOpt,
+    DeviceOpt,
+    LrOpt,
+    NoProgressOpt,
+    NormOpt,
+    NumWorkersOpt,
+    OnNanOpt,
+    PresetOpt,
+    ResumeOpt,
+    RunOutOpt,
+    SeedOpt,
+    SetOpt,
+    stage_app,
+    training_overrides,
+)
+from stages.config import load_config
+from stages.errors import user_errors
+
+# --------------------------------------------------------------------------- stages
+
+
+@stage_app.command("propose")
+@user_errors
+def stage_propose(
+    images: Optional[Path] = typer.Option(None, "--images", help="Manifest of the unlabeled images."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (masks/, images/, stage.json)."),
+    proposer: Optional[str] = typer.Option(
+        None, "--proposer", help="classical (default, weight-free) | clip | freemask | maskcut."
+    ),
+    clip_model: Optional[str] = typer.Option(None, help="open_clip model name (default ViT-B-16)."),
+    clip_checkpoint: Optional[str] = typer.Option(
+        None, help="Local CLIP weights: a file, 'local-dir:FOLDER', or a cached open_clip tag."
+    ),
+    backbone_checkpoint: Optional[str] = typer.Option(
+        None, help="Backbone weights for freemask / maskcut: a file or a `stage backbone` run."
+    ),
+    random_weights: Optional[bool] = typer.Option(
+        None, "--random-weights",
+        help="Run clip / freemask / maskcut without a checkpoint, on random weights (meaningless masks: "
+             "speed and test runs only; refused otherwise)."),
+    vocabulary: Optional[Path] = typer.Option(
+        None, help="Class names, one per line (default: the 80 COCO names)."
+    ),
+    top_k: Optional[int] = typer.Option(
+        None, help="At most this many masks per image, best score first (default 20; 0: no cap)."),
+    min_score: Optional[float] = typer.Option(
+        None, help="Drop masks scoring under this (default: the proposer's; freemask 0.5)."),
+    min_area: Optional[int] = typer.Option(None, help="Smallest mask kept, px (default 32)."),
+    shard_size: Optional[int] = typer.Option(None, help="Images per shard (default 64)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per model call (default 8)."),
+    max_side: Optional[int] = typer.Option(None, help="Downscale larger images (default 1024)."),
+    device: Optional[str] = typer.Option(None, help="auto (default) | cpu | cuda."),
+    num_workers: Optional[int] = typer.Option(
+        None, help="Ray actors (default 2); 0 runs in this process without Ray."
+    ),
+    ray_address: Optional[str] = typer.Option(
+        None, help="Join this Ray cluster (default $RAY_ADDRESS, else a local Ray)."
+    ),
+    shards: Optional[str] = typer.Option(None, help="Run only these shards, e.g. 0,3-5."),
+    shard_index: Optional[int] = typer.Option(None, help="Array task index I (with --num-shards)."),
+    num_shards: Optional[int] = typer.Option(None, help="Array task count N: run shards k = I mod N."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Redo completed shards."),
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Masks Proposal: pseudo instance masks + prompt ingredients as Parquet shards."""
+    from stages.propose import ProposeConfig, run_propose
+
+    cfg = load_config(
+        ProposeConfig,
+        config,
+        dict(
+            images=images, out=out, proposer=proposer, clip_model=clip_model,
+            clip_checkpoint=clip_checkpoint, backbone_checkpoint=backbone_checkpoint,
+            random_weights=random_weights, vocabulary=vocabulary, min_score=min_score,
+            top_k=top_k, min_area=min_area, shard_size=shard_size,
+            batch_size=batch_size, max_side=max_side, device=device, num_workers=num_workers,
+            ray_address=ray_address, shards=shards, shard_index=shard_index,
+            num_shards=num_shards, overwrite=overwrite,
+        ), sets)
+    code = run_propose(cfg, progress=not no_progress)
+    if code:
+        raise typer.Exit(code)
+
+
+
+@stage_app.command("backbone")
+@user_errors
+def stage_backbone(
+    images: Optional[Path] = typer.Option(None, "--images", help="Manifest of the unlabeled images."),
+    out: Optional[Path] = RunOutOpt,
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Whose backbone: tiny | small (default, ResNet-18) | lite (EfficientNet-Lite0) | base (ResNet-50)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="mocov2 (default) | densecl."),
+    init: Optional[str] = typer.Option(
+        None, "--init", help="Backbone weights to start from: a file, a run, or 'imagenet' (lite); default random."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="View side in px (default 224)."),
+    queue_size: Optional[int] = typer.Option(
+        None, "--queue-size", help="Negatives queue (default 4096; under half the images)."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 20000)."),
+    batch_size: Optional[int] = BatchSizeOpt,
+    lr: Optional[float] = typer.Option(None, "--lr", help="SGD learning rate (default 0.03)."),
+    num_workers: Optional[int] = NumWorkersOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    resume: Optional[bool] = ResumeOpt,
+    on_nan: Optional[str] = OnNanOpt,
+    checkpoint_every: Optional[int] = CheckpointEveryOpt,
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Self-supervised backbone pre-training (MoCo v2 / DenseCL) on unlabeled images; writes
+    OUT/backbone.pt for --backbone-checkpoint."""
+    from stages.backbone import BackboneConfig, run_backbone
+
+    cfg = load_config(BackboneConfig, config, {
+        "images": images, "out": out, "preset": preset, "objective.name": objective,
+        "init": init, "data.image_size": image_size, "objective.queue_size": queue_size,
+        "train.max_steps": max_steps, "data.batch_size": batch_size, "train.lr": lr,
+        "data.num_workers": num_workers, "data.seed": seed, "device": device, "resume": resume,
+        "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every,
+    }, sets)
+    run_backbone(cfg, progress=not no_progress)
+
+
+@stage_app.command("pretrain")
+@user_errors
+def stage_pretrain(
+    shards: Optional[Path] = typer.Option(None, "--shards", help="The propose stage's output folder."),
+    out: Optional[Path] = RunOutOpt,
+    preset: Optional[str] = PresetOpt,
+    decoder: Optional[str] = DecoderOpt,
+    backbone_checkpoint: Optional[str] = typer.Option(None, help="Local ResNet weights (e.g. MoCo v2)."),
+    freeze_backbone: Optional[bool] = typer.Option(
+        None, "--freeze-backbone/--train-backbone",
+        help="Freeze the backbone (default: frozen when --backbone-checkpoint is given, as the "
+             "reference freezes its MoCo backbone; trained otherwise)."),
+    norm: Optional[str] = NormOpt,
+    backbone_lr_mult: Optional[float] = BackboneLrOpt,
+    allow_partial_init: Optional[bool] = AllowPartialInitOpt,
+    strategy: Optional[str] = typer.Option(None, help="Prompt-kernel matching: spread (default) | cosine | hungarian."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 10000)."),
+    batch_size: Optional[int] = BatchSizeOpt,
+    lr: Optional[float] = LrOpt,
+    num_workers: Optional[int] = NumWorkersOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    resume: Optional[bool] = ResumeOpt,
+    on_nan: Optional[str] = OnNanOpt,
+    checkpoint_every: Optional[int] = CheckpointEveryOpt,
+    amp: Optional[str] = AmpOpt,
+    accumulation_steps: Optional[int] = AccumulationOpt,
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Prompt-kernel matching + kernel supervision on the proposal shards."""
+    from stages.pretrain import PretrainConfig, run_pretrain
+
+    cfg = load_config(PretrainConfig, config, {
+        "shards": shards, "model.backbone_checkpoint": backbone_checkpoint,
+        "model.freeze_backbone": freeze_backbone, "prompt.strategy": strategy,
+        "model.allow_partial_init": allow_partial_init, "model.norm": norm,
+        "train.backbone_lr_multiplier": backbone_lr_mult,
+        **training_overrides(
+            out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
+            lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
+            on_nan=on_nan, checkpoint_every=checkpoint_every, amp=amp,
+            accumulation_steps=accumulation_steps),
+    }, sets)
+    run_pretrain(cfg, progress=not no_progress)
+
+
+@stage_app.command("finetune")
+@user_errors
+def stage_finetune(
+    train_data: Optional[Path] = typer.Option(None, "--train", help="Labeled manifest to train on."),
+    val_data: Optional[Path] = typer.Option(None, "--val", help="Labeled manifest for validation."),
+    init: Optional[str] = typer.Option(
+        None, "--init", help="Pretrain run folder or checkpoint, or none (from scratch, default)."),
+    backbone_checkpoint: Optional[str] = typer.Option(
+        None, help="Local backbone weights (e.g. a `stage backbone` run) for a scratch init."),
+    freeze_backbone: Optional[bool] = typer.Option(
+        None, "--freeze-backbone/--train-backbone",
+        help="Freeze the backbone and its BatchNorm (default: trained, at --backbone-lr-mult)."),
+    allow_partial_init: Optional[bool] = AllowPartialInitOpt,
+    norm: Optional[str] = NormOpt,
+    backbone_lr_mult: Optional[float] = BackboneLrOpt,
+    out: Optional[Path] = RunOutOpt,
+    preset: Optional[str] = PresetOpt,
+    decoder: Optional[str] = DecoderOpt,
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 2000)."),
+    batch_size: Optional[int] = BatchSizeOpt,
+    lr: Optional[float] = LrOpt,
+    eval_every: Optional[int] = typer.Option(None, help="Validate every N steps (default 200)."),
+    num_workers: Optional[int] = NumWorkersOpt,
+    seed: Optional[int] = SeedOpt,
+    device: Optional[str] = DeviceOpt,
+    resume: Optional[bool] = ResumeOpt,
+    on_nan: Optional[str] = OnNanOpt,
+    checkpoint_every: Optional[int] = CheckpointEveryOpt,
+    amp: Optional[str] = AmpOpt,
+    accumulation_steps: Optional[int] = AccumulationOpt,
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """Fine-tune on a small labeled COCO-format set (from a pre-trained checkpoint or scratch)."""
+    from stages.finetune import FinetuneConfig, run_finetune
+
+    cfg = load_config(FinetuneConfig, config, {
+        "train_data": train_data, "val_data": val_data, "init": init,
+        "model.backbone_checkpoint": backbone_checkpoint, "model.freeze_backbone": freeze_backbone,
+        "model.allow_partial_init": allow_partial_init, "model.norm": norm,
+        "train.backbone_lr_multiplier": backbone_lr_mult, "train.eval_every": eval_every,
+        **training_overrides(
+            out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
+            lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
+            on_nan=on_nan, checkpoint_every=checkpoint_every, amp=amp,
+            accumulation_steps=accumulation_steps),
+    }, sets)
+    run_finetune(cfg, progress=not no_progress)
+
+
+@stage_app.command("evaluate")
+@user_errors
+def stage_evaluate(
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Fine-tuned checkpoint file or run folder (its latest)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Labeled manifest to score on."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (metrics.json, predictions.json)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch (default 2)."),
+    short_side: Optional[int] = typer.Option(None, help="Resize short side (default 800)."),
+    score_threshold: Optional[float] = typer.Option(None, help="Drop detections below (default 0)."),
+    max_detections: Optional[int] = typer.Option(None, help="Detections per image (default 100)."),
+    device: Optional[str] = DeviceOpt,
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    no_progress: bool = NoProgressOpt,
+) -> None:
+    """COCO mask AP (and box AP) of a checkpoint on a labeled manifest (exit 1: some images
+    could not be read; they are listed and left out of the scores)."""
+    from stages.evaluate import EXIT_SOME_IMAGES_UNREADABLE, EvaluateConfig, run_evaluate
+
+    cfg = load_config(EvaluateConfig, config, dict(
+        checkpoint=checkpoint, data=data, out=out, batch_size=batch_size, short_side=short_side,
+        score_threshold=score_threshold, max_detections=max_detections, device=device), sets)
+    if run_evaluate(cfg, progress=not no_progress)["unreadable"]:
+        raise typer.Exit(EXIT_SOME_IMAGES_UNREADABLE)
