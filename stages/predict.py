@@ -7,7 +7,6 @@ Checkpoint keys: as ``stages.evaluate`` (``docs/evaluation.md``).
 """
 from __future__ import annotations
 
-import colorsys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -19,11 +18,11 @@ import torch
 from rich.console import Console
 
 from pipeline.atomic import write_bytes_atomic, write_json_atomic
-from pipeline.coco import rle_to_mask
 from pipeline.coco_dataset import eval_loader
 from pipeline.errors import InputError
 from pipeline.images import ImageReadError, read_image_rgb
 from pipeline.manifest import IMAGE_EXTENSIONS, Dataset, ImageRecord, load_manifest
+from pipeline.overlays import render_results
 from pipeline.run_record import now_iso, write_run_record
 from pipeline.transforms import eval_config
 from pipeline.engine.distributed import resolve_device
@@ -72,38 +71,6 @@ def images_dataset(path: Path) -> Dataset:
     return Dataset(name=path.name, manifest_path=path, root=path, images=records)
 
 
-def instance_colour(index: int) -> tuple[int, int, int]:
-    """A distinct, deterministic RGB colour for the ``index``-th instance (golden-ratio hues)."""
-    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.85, 1.0)
-    return int(r * 255), int(g * 255), int(b * 255)
-
-
-def draw_overlay(image: np.ndarray, results: list[dict]) -> np.ndarray:
-    """The RGB uint8 ``[H, W, 3]`` image with each result's mask blended in (alpha
-    ``OVERLAY_ALPHA``), outlined, and labelled ``category_id score`` at its box corner.
-
-    ``results``: COCO results dicts of this image (RLE of size [H, W]), best first; the best is
-    drawn last, i.e. on top.
-    """
-    canvas = image.copy()
-    for index in reversed(range(len(results))):
-        res = results[index]
-        mask = rle_to_mask(res["segmentation"])
-        if mask.shape != image.shape[:2]:
-            raise ValueError(f"mask size {mask.shape} != image size {image.shape[:2]}")
-        colour = np.array(instance_colour(index), dtype=np.float32)
-        canvas[mask] = (canvas[mask] * (1 - OVERLAY_ALPHA) + colour * OVERLAY_ALPHA).astype(
-            np.uint8)
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                       cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(canvas, contours, -1, tuple(int(c) for c in colour), 1)
-        x, y = int(res["bbox"][0]), int(res["bbox"][1])
-        cv2.putText(canvas, f"{res['category_id']} {res['score']:.2f}", (x, max(y - 2, 8)),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.35, tuple(int(c) for c in colour), 1,
-                    cv2.LINE_AA)
-    return canvas
-
-
 def overlay_name(file_name: str) -> str:
     """``a/b/c.jpg`` -> ``a__b__c.png`` (one flat folder, no clashes between sub-folders)."""
     return Path(file_name).with_suffix(".png").as_posix().replace("/", "__")
@@ -123,7 +90,7 @@ def write_overlays(dataset: Dataset, results: list[dict], out_dir: Path,
             image = read_image_rgb(record.path)
         except ImageReadError as err:
             raise InputError(f"image cannot be read: {err}", record.path) from None
-        canvas = draw_overlay(image, by_image.get(record.image_id, []))
+        canvas = render_results(image, by_image.get(record.image_id, []), OVERLAY_ALPHA)
         ok, png = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
         if not ok:
             raise RuntimeError(f"PNG encoding failed for {record.path}")
