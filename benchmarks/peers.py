@@ -201,9 +201,10 @@ def run_cell(spec: dict) -> dict:
 def loop_seconds_per_step(metrics_file: Path) -> float:
     """Mean seconds per optimizer step of the training loop (data wait included; start-up,
     checkpoint writes and evaluation excluded), from the trainer's metrics lines."""
+    from pipeline.engine.metrics import read_metrics
+
     seconds, steps, last = 0.0, 0, 0
-    for line in metrics_file.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metrics(metrics_file):
         if record.get("kind") == "train":
             window = record["step"] - last
             seconds += record["step_seconds"] * window
