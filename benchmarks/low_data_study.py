@@ -50,7 +50,8 @@ from pipeline.errors import InputError  # noqa: E402
 from pipeline.manifest import load_manifest, write_manifest  # noqa: E402
 from pipeline.splits import format_percent, sample_subsets, subset_coco  # noqa: E402
 from pipeline.synth import write_synth_dataset  # noqa: E402
-from stages.demo import ap_curve, steps_to_reach  # noqa: E402
+from pipeline.engine.metrics import ap_curve  # noqa: E402
+from pipeline.evaluation.curves import steps_to_reach  # noqa: E402
 from stages.evaluate import EvaluateConfig, run_evaluate
 from stages.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from stages.pretrain import LossSection, PretrainConfig, PromptSection, run_pretrain  # noqa: E402

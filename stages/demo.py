@@ -28,6 +28,7 @@ from stages.predict import PredictConfig, run_predict
 from stages.pretrain import LossSection, PretrainConfig, PromptSection, run_pretrain
 from stages.propose import ProposeConfig, run_propose
 from pipeline.engine.metrics import METRICS_FILE, ap_curve
+from pipeline.evaluation.curves import compare_arms, plot_ap_curves
 from pipeline.engine import TrainConfig
 from stages.training_setup import DataSection, ModelSection
 
@@ -269,29 +270,6 @@ def demo_data_section(cfg: DemoConfig) -> DataSection:
                        seed=cfg.seed)
 
 
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    """First evaluated step whose AP is >= ``target`` (None if never)."""
-    return next((s for s, ap in curve if ap >= target), None)
-
-
-def compare_arms(reports: dict[str, dict], curves: dict[str, list]) -> dict:
-    """Final AP/AP50/AP75 of each arm and the steps each needs to reach scratch's final AP."""
-    # target: the scratch run's last validation AP (same in-training evaluation as the curves)
-    scratch_final = curves["scratch"][-1][1] if curves["scratch"] else (
-        reports["scratch"]["segm"]["AP"] or 0.0)
-    rows = {}
-    for arm in ARMS:
-        segm = reports[arm]["segm"]
-        rows[arm] = {
-            "AP": segm["AP"], "AP50": segm["AP50"], "AP75": segm["AP75"],
-            "final_step": curves[arm][-1][0] if curves[arm] else None,
-            "steps_to_scratch_final_AP": steps_to_reach(curves[arm], scratch_final),
-        }
-    scratch_ap = rows["scratch"]["AP"] or 0.0
-    ratio = (rows["pretrained"]["AP"] or 0.0) / scratch_ap if scratch_ap > 0 else None
-    return {"arms": rows, "AP_ratio_pretrained_over_scratch": ratio}
-
-
 def print_comparison(summary: dict) -> None:
     table = Table(title="UPLVP demo: fine-tuning from pre-trained kernels vs from scratch "
                         f"(val mask AP, %, seed {summary['seed']})")
@@ -305,26 +283,3 @@ def print_comparison(summary: dict) -> None:
     ratio = summary["AP_ratio_pretrained_over_scratch"]
     if ratio is not None:
         Console().print(f"AP ratio pretrained / scratch: {ratio:.2f}")
-
-
-def plot_ap_curves(curves: dict[str, list], path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from pipeline.atomic import atomic_path
-
-    figure = Figure(figsize=(6, 4))
-    FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    for arm, points in curves.items():
-        if points:
-            steps, aps = zip(*points)
-            ax.plot(steps, [100 * a for a in aps], marker="o", markersize=3, label=arm)
-    ax.set_xlabel("fine-tuning step")
-    ax.set_ylabel("val mask AP (%)")
-    ax.set_title("UPLVP demo: pre-trained vs scratch")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    return path
