@@ -219,3 +219,13 @@ def validate_shard_file(path: Path, expected_schema: pa.Schema) -> dict[str, Any
                 path,
             )
     return meta
+
+
+def read_shard_columns(
+    path: Path, columns: list[str], filters: list[tuple] | None = None
+) -> pa.Table:
+    """Only ``columns`` of a shard file (rows matching ``filters``, if given)."""
+    try:
+        return pq.read_table(path, columns=columns, filters=filters)
+    except (OSError, pa.ArrowException) as err:
+        raise InputError(f"cannot read shard data ({err})", path) from None

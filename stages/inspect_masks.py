@@ -1,13 +1,11 @@
-"""`uplvp inspect masks` and `uplvp inspect overlay`: look at a ``propose`` output folder.
+"""`uplvp inspect masks`: look at a ``propose`` output folder.
 
 - :func:`summarize_masks` reads the small columns of every shard (never ``rle_counts``,
   ``clip_embedding`` or ``shape_grid``) and returns a JSON-ready summary: images ok / error,
   masks per label, fixed-bin score and area histograms, masks per image, images without masks
   and images that could not be read. :func:`print_mask_summary` prints it with rich text bars;
   :func:`run_inspect_masks` does both and optionally writes the summary as JSON.
-- :func:`draw_overlay` draws one image's pseudo masks (fill, contour, box, "label score") on
-  the image and writes a PNG of the image's size as proposed; :func:`render_overlay` is the pure
-  drawing step.
+- ``uplvp inspect overlay`` is ``stages/inspect_overlay.py`` (drawing: ``pipeline/overlays.py``).
 
 Shard folders are found and validated by ``pipeline.shard_dataset`` (the same checks the
 pre-training loader makes), so a folder this module accepts is one training accepts.
@@ -18,26 +16,19 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
-from pycocotools import mask as mask_utils
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.atomic import write_bytes_atomic, write_json_atomic
+from pipeline.atomic import write_json_atomic
 from pipeline.errors import InputError
-from pipeline.overlays import palette, render_overlay  # noqa: F401 (palette: re-exported)
-from pipeline.images import ImageReadError, read_image_rgb
 from pipeline.shard_dataset import find_shards
-from pipeline.shards import read_metadata
+from pipeline.shards import read_metadata, read_shard_columns
 
 # Fixed histogram bins. Scores: [0.0, 0.1), ..., [0.9, 1.0] (last bin closed). Areas in pixels:
 # [0, 32), [32, 128), ... growing by 4x, the last bin open ([524288, inf)).
@@ -49,8 +40,6 @@ BAR_WIDTH = 40
 
 _SUMMARY_MASK_COLUMNS = ["image_id", "area", "score", "label"]
 _SUMMARY_IMAGE_COLUMNS = ["image_id", "image_path", "status", "error", "num_masks"]
-_OVERLAY_MASK_COLUMNS = ["mask_index", "rle_counts", "bbox", "score", "label"]
-_OVERLAY_IMAGE_COLUMNS = ["image_id", "image_path", "height", "width", "status", "error"]
 _SHARD_NAME = re.compile(r"shard-(\d+)\.parquet")
 
 
@@ -83,8 +72,8 @@ def summarize_masks(shard_dir: str | Path) -> dict[str, Any]:
     shards = find_shards(shard_dir)
     mask_parts, image_parts = [], []
     for shard in shards:
-        masks = _read_columns(shard.masks, _SUMMARY_MASK_COLUMNS).to_pandas()
-        images = _read_columns(shard.images, _SUMMARY_IMAGE_COLUMNS).to_pandas()
+        masks = read_shard_columns(shard.masks, _SUMMARY_MASK_COLUMNS).to_pandas()
+        images = read_shard_columns(shard.images, _SUMMARY_IMAGE_COLUMNS).to_pandas()
         _check_shard_rows(masks, images, shard.masks, shard.images)
         mask_parts.append(masks)
         image_parts.append(images)
@@ -174,16 +163,6 @@ def run_inspect_masks(
     if json_out is not None:
         write_json_atomic(json_out, summary, indent=2)
     return summary
-
-
-def _read_columns(
-    path: Path, columns: list[str], filters: list[tuple] | None = None
-) -> pa.Table:
-    """Only ``columns`` of a validated shard file (rows matching ``filters``, if given)."""
-    try:
-        return pq.read_table(path, columns=columns, filters=filters)
-    except (OSError, pa.ArrowException) as err:
-        raise InputError(f"cannot read shard data ({err})", path) from None
 
 
 def _check_shard_rows(
@@ -298,83 +277,3 @@ def _print_more(say: Callable[[Text], None], count: int, shown: int) -> None:
 
 
 # --------------------------------------------------------------------------- overlay
-
-
-@dataclass(frozen=True)
-class OverlayResult:
-    """What :func:`draw_overlay` wrote: ``masks_drawn`` of the image's ``masks_total`` rows."""
-
-    path: Path
-    image_id: int
-    image_path: str
-    masks_drawn: int
-    masks_total: int
-
-
-def draw_overlay(
-    shard_dir: str | Path,
-    image_id: int,
-    out_png: str | Path,
-    *,
-    min_score: float = 0.0,
-    max_masks: int = 20,
-) -> OverlayResult:
-    """`uplvp inspect overlay DIR --image-id ID --out x.png`: draw image ``image_id``'s pseudo
-    masks with score >= ``min_score`` (at most ``max_masks``, best first) on the image, resized
-    to its proposed height x width, and write the PNG atomically.
-
-    Raises :class:`InputError` for an unknown image id, an image that propose recorded as an
-    error (with its recorded error), an image file that cannot be read now, or bad options.
-    """
-    shard_dir = Path(shard_dir)
-    if not 0.0 <= min_score <= 1.0:
-        raise InputError(f"--min-score must be in [0, 1], got {min_score}")
-    if max_masks < 1:
-        raise InputError(f"--max-masks must be >= 1, got {max_masks}")
-    if not shard_dir.is_dir():
-        raise InputError("proposal folder not found", shard_dir)
-    image, masks_path = _find_image(shard_dir, image_id)
-    if image["status"] != "ok":
-        raise InputError(
-            f"image id {image_id} ({image['image_path']}) could not be read by propose: "
-            f"{image['error']}",
-            shard_dir,
-        )
-    rows = _read_columns(masks_path, _OVERLAY_MASK_COLUMNS, [("image_id", "=", image_id)])
-    rows = rows.to_pandas().sort_values("mask_index", kind="stable")
-    drawn = rows[rows["score"] >= np.float32(min_score)].head(max_masks)
-    height, width = int(image["height"]), int(image["width"])
-    pixels = _load_image(image["image_path"], height, width)
-    if len(drawn):
-        rles = [{"size": [height, width], "counts": c} for c in drawn["rle_counts"]]
-        masks = np.moveaxis(mask_utils.decode(rles), -1, 0).astype(bool)
-    else:
-        masks = np.zeros((0, height, width), dtype=bool)
-    captions = [f"{label} {score:.2f}" for label, score in zip(drawn["label"], drawn["score"])]
-    boxes = np.asarray(drawn["bbox"].tolist(), dtype=np.float32).reshape(-1, 4)
-    canvas = render_overlay(pixels, masks, boxes, captions)
-    ok, png = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise InputError("OpenCV could not encode the overlay as PNG", out_png)
-    write_bytes_atomic(out_png, png.tobytes())
-    return OverlayResult(Path(out_png), int(image_id), image["image_path"], len(drawn), len(rows))
-
-
-def _find_image(shard_dir: Path, image_id: int) -> tuple[dict[str, Any], Path]:
-    """The images row of ``image_id`` and the masks file of its shard."""
-    for shard in find_shards(shard_dir):
-        found = _read_columns(shard.images, _OVERLAY_IMAGE_COLUMNS, [("image_id", "=", image_id)])
-        if found.num_rows:
-            return found.to_pylist()[0], shard.masks
-    raise InputError(f"image id {image_id} is not in the proposal shards", shard_dir)
-
-
-def _load_image(path: str, height: int, width: int) -> np.ndarray:
-    """The image as (height, width, 3) uint8 RGB (area-resized if the file's size differs)."""
-    try:
-        pixels = read_image_rgb(path)
-    except ImageReadError as err:
-        raise InputError(f"cannot read the image now: {err}", path) from None
-    if pixels.shape[:2] != (height, width):
-        pixels = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
-    return pixels

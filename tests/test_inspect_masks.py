@@ -12,22 +12,21 @@ import pytest
 from pycocotools import mask as mask_utils
 from rich.console import Console
 
-import stages.inspect_masks as inspect_masks
+import pipeline.shards as shards_module
 from pipeline.errors import InputError
 from pipeline.images import read_image_rgb
 from pipeline.shards import shard_file, write_shard
 from pipeline.synth import write_synth_dataset
+from pipeline.overlays import palette, render_overlay
 from stages.inspect_masks import (
     AREA_EDGES,
     SCORE_EDGES,
-    draw_overlay,
     histogram,
-    palette,
     print_mask_summary,
-    render_overlay,
     run_inspect_masks,
     summarize_masks,
 )
+from stages.inspect_overlay import draw_overlay
 from stages.propose import ProposeConfig, run_propose
 
 BLANK = "unlabeled_000001b.png"  # a flat image: the classical proposer finds no mask in it
@@ -188,7 +187,7 @@ def test_summary_never_reads_the_rle_or_embedding_columns(handmade, monkeypatch)
         requested.append(columns)
         return real(path, columns=columns, **kwargs)
 
-    monkeypatch.setattr(inspect_masks.pq, "read_table", spy)
+    monkeypatch.setattr(shards_module.pq, "read_table", spy)
     summarize_masks(handmade)
     assert requested and all(c is not None for c in requested)
     assert not {"rle_counts", "clip_embedding", "shape_grid"} & {c for cs in requested for c in cs}

@@ -33,7 +33,7 @@ def inspect_overlay(
     max_masks: int = typer.Option(20, help="Draw at most this many (best first)."),
 ) -> None:
     """Draw one image's pseudo masks (fill, contour, box, label and score) on it."""
-    from stages.inspect_masks import draw_overlay
+    from stages.inspect_overlay import draw_overlay
 
     result = draw_overlay(shard_dir, image_id, out, min_score=min_score, max_masks=max_masks)
     typer.echo(f"wrote {result.path}: {result.masks_drawn} of {result.masks_total} masks of "
