@@ -35,7 +35,7 @@ from pipeline.coco import ground_truth_rles
 from pipeline.images import read_image_rgb
 from pipeline.manifest import load_manifest
 from pipeline.shard_dataset import MaskFilter, kept_rows
-from stages.inspect_masks import render_overlay
+from pipeline.overlays import render_overlay
 from stages.propose import ProposeConfig, run_propose
 
 SHAREABLE_LICENSES = {4, 5, 7, 8}  # CC BY 2.0, CC BY-SA 2.0, no known restrictions, US Gov.
