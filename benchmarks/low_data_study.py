@@ -253,8 +253,8 @@ def record_config(cfg: StudyConfig, out: Path) -> None:
 
 def prepare_data(cfg: StudyConfig, out: Path) -> dict[str, Path]:
     """The benchmark's manifests (``train``: the labeled pool, ``val``, ``unlabeled``; a
-    synthetic benchmark is generated first) + the proposal shards of the unlabeled pool (both
-    skipped when already complete); ``splits``: where the low-data subsets go."""
+    synthetic benchmark is generated first, skipped when already complete); ``splits``: where
+    the low-data subsets go."""
     if cfg.data == "real":
         missing = [f for f in ("train_manifest", "val_manifest", "unlabeled_manifest")
                    if getattr(cfg, f) is None]
@@ -273,12 +273,20 @@ def prepare_data(cfg: StudyConfig, out: Path) -> dict[str, Path]:
         data = {"train": data_dir / "train.yaml", "val": data_dir / "val.yaml",
                 "unlabeled": data_dir / "unlabeled.yaml", "splits": data_dir / "splits",
                 "data": data_dir}
-    code = run_propose(ProposeConfig(images=data["unlabeled"], out=out / "propose",
-                                     shard_size=50, num_workers=cfg.propose_workers,
-                                     **cfg.proposer), progress=False)
+    return data
+
+
+def proposal_shards(cfg: StudyConfig, out: Path, data: dict[str, Path]) -> Path:
+    """The study proposer's shards of the unlabeled pool, made under a lock by the first cell
+    that pre-trains (a study of scratch and Mask R-CNN cells never proposes); every rerun skips
+    the complete shards."""
+    with file_lock(out / "locks" / "propose.lock"):
+        code = run_propose(ProposeConfig(images=data["unlabeled"], out=out / "propose",
+                                         shard_size=50, num_workers=cfg.propose_workers,
+                                         **cfg.proposer), progress=False)
     if code:
         raise SystemExit(f"propose failed (exit {code})")
-    return {**data, "shards": out / "propose"}
+    return out / "propose"
 
 
 def clip_shards(cfg: StudyConfig, out: Path, data: dict[str, Path]) -> Path:
@@ -378,7 +386,8 @@ def run_cell(cfg: StudyConfig, out: Path, data: dict[str, Path], cell: dict) -> 
     t0 = time.perf_counter()
     init = "none"
     if ARMS[arm] is not None:
-        shards = clip_shards(cfg, out, data) if arm in CLIP_ARMS else data["shards"]
+        shards = (clip_shards(cfg, out, data) if arm in CLIP_ARMS
+                  else proposal_shards(cfg, out, data))
         pretrained = pretrained_run(cfg, out, shards, decoder, arm)
         if pretrained is None:
             return None

@@ -233,6 +233,7 @@ def test_maskrcnn_cells_are_scratch_only_and_train_evaluate_and_report(study, tm
     result = study.run_cell(cfg, out, data, cell)
     run = out / result["run"]
     assert result["run"] == "finetune/maskrcnn-100pct-seed0-scratch"
+    assert not (out / "propose").exists()  # no pre-training: the unlabeled pool is never proposed
     evaluated = json.loads((run / "evaluate" / "metrics.json").read_text())
     assert result["AP"] == evaluated["segm"]["AP"]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
