@@ -13,13 +13,14 @@ from stages.cli.common import (
     convert_app,
     data_app,
 )
+from stages.cli.config_help import config_command
 from stages.config import load_config
 from stages.errors import fail, user_errors
 
 # --------------------------------------------------------------------------- data
 
 
-@data_app.command("synth")
+@data_app.command("synth", cls=config_command("stages.data:SynthConfig"))
 @user_errors
 def data_synth(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
@@ -50,7 +51,7 @@ def data_synth(
     run_synth(cfg, progress=not no_progress)
 
 
-@data_app.command("split", context_settings={"allow_extra_args": True})
+@data_app.command("split", context_settings={"allow_extra_args": True}, cls=config_command("stages.data:SplitConfig"))
 @user_errors
 def data_split(
     ctx: typer.Context,
@@ -104,7 +105,7 @@ def _parse_numbers(option: str, values: list[str]) -> list[float]:
     return numbers
 
 
-@convert_app.command("cityscapes")
+@convert_app.command("cityscapes", cls=config_command("stages.data:CityscapesConfig"))
 @user_errors
 def convert_cityscapes(
     root: Optional[Path] = typer.Option(None, "--root", help="Cityscapes root (gtFine/, leftImg8bit/)."),
@@ -123,7 +124,7 @@ def convert_cityscapes(
     run_convert_cityscapes(cfg, progress=not no_progress)
 
 
-@convert_app.command("ctw1500")
+@convert_app.command("ctw1500", cls=config_command("stages.data:Ctw1500Config"))
 @user_errors
 def convert_ctw1500(
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of CTW1500 images."),

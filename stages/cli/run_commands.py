@@ -13,10 +13,11 @@ from stages.cli.common import (
     SetOpt,
     app,
 )
+from stages.cli.config_help import config_command
 from stages.config import load_config
 from stages.errors import user_errors
 
-@app.command("predict")
+@app.command("predict", cls=config_command("stages.predict:PredictConfig"))
 @user_errors
 def predict(
     checkpoint: Optional[Path] = typer.Option(
@@ -47,7 +48,7 @@ def predict(
 # --------------------------------------------------------------------------- demo
 
 
-@app.command("demo")
+@app.command("demo", cls=config_command("stages.demo:DemoConfig"))
 @user_errors
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default demo_run)."),
@@ -80,7 +81,7 @@ def demo(
     run_demo(cfg, progress=not no_progress)
 
 
-@app.command("export")
+@app.command("export", cls=config_command("stages.export:ExportConfig"))
 @user_errors
 def export(
     checkpoint: Optional[Path] = typer.Option(

@@ -29,13 +29,14 @@ from stages.cli.common import (
     stage_app,
     training_overrides,
 )
+from stages.cli.config_help import config_command
 from stages.config import load_config
 from stages.errors import user_errors
 
 # --------------------------------------------------------------------------- stages
 
 
-@stage_app.command("propose")
+@stage_app.command("propose", cls=config_command("stages.propose:ProposeConfig"))
 @user_errors
 def stage_propose(
     images: Optional[Path] = typer.Option(None, "--images", help="Manifest of the unlabeled images."),
@@ -101,7 +102,7 @@ def stage_propose(
 
 
 
-@stage_app.command("backbone")
+@stage_app.command("backbone", cls=config_command("stages.backbone:BackboneConfig"))
 @user_errors
 def stage_backbone(
     images: Optional[Path] = typer.Option(None, "--images", help="Manifest of the unlabeled images."),
@@ -115,7 +116,8 @@ def stage_backbone(
     queue_size: Optional[int] = typer.Option(
         None, "--queue-size", help="Negatives queue (default 4096; under half the images)."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 20000)."),
-    batch_size: Optional[int] = BatchSizeOpt,
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Global batch size, images (default 256)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="SGD learning rate (default 0.03)."),
     num_workers: Optional[int] = NumWorkersOpt,
     seed: Optional[int] = SeedOpt,
@@ -141,7 +143,7 @@ def stage_backbone(
     run_backbone(cfg, progress=not no_progress)
 
 
-@stage_app.command("pretrain")
+@stage_app.command("pretrain", cls=config_command("stages.pretrain:PretrainConfig"))
 @user_errors
 def stage_pretrain(
     shards: Optional[Path] = typer.Option(None, "--shards", help="The propose stage's output folder."),
@@ -189,7 +191,7 @@ def stage_pretrain(
     run_pretrain(cfg, progress=not no_progress)
 
 
-@stage_app.command("finetune")
+@stage_app.command("finetune", cls=config_command("stages.finetune:FinetuneConfig"))
 @user_errors
 def stage_finetune(
     train_data: Optional[Path] = typer.Option(None, "--train", help="Labeled manifest to train on."),
@@ -240,7 +242,7 @@ def stage_finetune(
     run_finetune(cfg, progress=not no_progress)
 
 
-@stage_app.command("evaluate")
+@stage_app.command("evaluate", cls=config_command("stages.evaluate:EvaluateConfig"))
 @user_errors
 def stage_evaluate(
     checkpoint: Optional[Path] = typer.Option(
