@@ -1,6 +1,6 @@
 """COCO mask and box AP by pycocotools vs faster-coco-eval: the same numbers? which is faster?
 
-    .venv/bin/python benchmarks/coco_eval_speed.py --images 200 1000 --out benchmarks/results/coco_eval_speed.txt
+    .venv/bin/python -m benchmarks.coco_eval_speed --images 200 1000 --out benchmarks/results/coco_eval_speed.txt
 
 For each size, one synthetic evaluation set (``--seed``): square images of ``--size`` px with
 3-15 ground-truth objects (random ellipses and rectangles, 80 categories) and 100 detections

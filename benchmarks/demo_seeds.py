@@ -1,6 +1,6 @@
 """`uplvp demo` for several seeds, as a user runs it: one line per seed.
 
-    .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 --out runs/demo_seeds
+    .venv/bin/python -m benchmarks.demo_seeds --seeds 0 1 2 --out runs/demo_seeds
 
 Each seed runs ``uplvp demo --seed S --out OUT/seed-S`` as its own process (wall time includes
 start-up, every stage, evaluation, overlays and the plot, as ``time uplvp demo`` measures it)

@@ -1,7 +1,7 @@
 """The real-scale path on one accelerator, timed: one table per run.
 
     bash benchmarks/gpu_check.sh                      # on a GPU: base preset, batch 8, 800 px
-    .venv/bin/python benchmarks/gpu_check.py --preset tiny --short-side 64 --batch 2 \\
+    .venv/bin/python -m benchmarks.gpu_check --preset tiny --short-side 64 --batch 2 \\
         --steps 1 --skip-clip                         # the same code on a CPU, in seconds
 
 Rows (each in a fresh subprocess, so peak memory is per row):

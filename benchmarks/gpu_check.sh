@@ -16,6 +16,6 @@ PY=.venv/bin/python
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 mkdir -p "$(dirname "$OUT_FILE")"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout 460 "$PY" benchmarks/gpu_check.py --preset base --batch 8 --short-side 800 \
+timeout 460 "$PY" -m benchmarks.gpu_check --preset base --batch 8 --short-side 800 \
     --long-side 1088 --steps 5 --amp off bf16 --clip-model ViT-B-16 --clip-batch 32 \
     | tee "$OUT_FILE"

@@ -1,9 +1,9 @@
 """Inference on CPU as a deployer compares it: one image in, final instances out.
 
-    .venv/bin/python benchmarks/inference_cpu.py --out benchmarks/results/inference_cpu.txt
-    .venv/bin/python benchmarks/inference_cpu.py --threads 1 \
+    .venv/bin/python -m benchmarks.inference_cpu --out benchmarks/results/inference_cpu.txt
+    .venv/bin/python -m benchmarks.inference_cpu --threads 1 \
         --out benchmarks/results/inference_cpu_1thread.txt
-    .venv/bin/python benchmarks/inference_cpu.py --quick --threads 1     # tiny models, 64 px
+    .venv/bin/python -m benchmarks.inference_cpu --quick --threads 1     # tiny models, 64 px
 
 About 20 minutes for the full run on a 2-core machine (half of it the memory processes), ~30 s
 for ``--quick``.
@@ -20,7 +20,7 @@ labels), with the pre- and post-processing a user runs:
   ``inter_op_num_threads`` 1, its default graph optimisation: all); then ``masks > 0.5``;
 - ``HF Mask2Former``: transformers' ``Mask2FormerForUniversalSegmentation`` from its default
   config (100 queries, 6 deformable encoder layers, 10 decoder layers) on a transformers
-  ResNet (``benchmarks/peer_models.py``), with its ``Mask2FormerImageProcessor``
+  ResNet (``experiments/peer_models.py``), with its ``Mask2FormerImageProcessor``
   (shortest edge ``--size``, pads to 32) and ``post_process_instance_segmentation``
   (``threshold=0``, ``target_sizes`` = the image's, ``return_binary_maps=True``);
 - ``Mask R-CNN``: torchvision's ``MaskRCNN`` on ``resnet_fpn_backbone(weights=None)`` (what
@@ -74,8 +74,6 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 NUM_CLASSES = 80
 MAX_DETECTIONS = 100
@@ -272,7 +270,7 @@ def hf_mask2former(spec: Spec, size: int) -> tuple[Any, Runner]:
     """transformers' Mask2Former (seed 0), its image processor at short side ``size`` and its
     instance post-processing at threshold 0."""
     import torch
-    from peer_models import build_hf_mask2former
+    from experiments.peer_models import build_hf_mask2former
     from transformers import Mask2FormerImageProcessor
 
     torch.manual_seed(0)
@@ -406,8 +404,8 @@ def memory_in_subprocess(spec: Spec, args: argparse.Namespace, onnx_folder: Path
     """:func:`measure_memory` in a fresh Python process running this script."""
     child = {"spec": asdict(spec), "size": args.size, "threads": args.threads,
              "onnx_folder": str(onnx_folder), "runs": args.memory_runs}
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(child)],
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.inference_cpu", "--child",
+                           json.dumps(child)], capture_output=True, text=True, cwd=REPO)
     if done.returncode:
         raise RuntimeError(f"memory process of {spec.label} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

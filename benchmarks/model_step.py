@@ -2,8 +2,8 @@
 
 Runs every (preset, decoder, input size) combination in a fresh subprocess and prints a table:
 
-    .venv/bin/python benchmarks/model_step.py                      # tiny/small/base, 128 & 256 px
-    .venv/bin/python benchmarks/model_step.py --presets tiny --sizes 64 128 --decoders knet
+    .venv/bin/python -m benchmarks.model_step                      # tiny/small/base, 128 & 256 px
+    .venv/bin/python -m benchmarks.model_step --presets tiny --sizes 64 128 --decoders knet
 
 The step is ``model(images)`` then ``backward()`` of a synthetic loss touching every stage's
 masks and logits (random weights, random images; no optimizer step). Time: the median and the

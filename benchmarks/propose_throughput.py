@@ -9,8 +9,8 @@ read image -> propose -> rows -> Parquet shard) over the same shards in two ways
   ray   ``pipeline.executor.run_shards`` with ``--workers`` Ray Data actors (what the stage does
         with ``num_workers=2``), after a warm-up run over the first shards.
 
-    .venv/bin/python benchmarks/propose_throughput.py                 # classical + ViT-B-16
-    .venv/bin/python benchmarks/propose_throughput.py --skip-clip --images 192
+    .venv/bin/python -m benchmarks.propose_throughput                 # classical + ViT-B-16
+    .venv/bin/python -m benchmarks.propose_throughput --skip-clip --images 192
 
 ``clip`` runs ViT-B-16 with RANDOM weights (no checkpoint): its compute cost is real, its masks
 are meaningless and are not looked at. Its text embeddings are cached in a temporary file by the

@@ -4,8 +4,8 @@ against what the model consumes, and the share of step time the trainer waits fo
 Writes synthetic shards (random images, ellipse pseudo masks, random embeddings) into a
 temporary folder, then times full epochs of the pre-training loader for each worker count:
 
-    .venv/bin/python benchmarks/train_throughput.py                  # 200 images at 128 px
-    .venv/bin/python benchmarks/train_throughput.py --images 400 --size 256 --workers 0 2 4
+    .venv/bin/python -m benchmarks.train_throughput                  # 200 images at 128 px
+    .venv/bin/python -m benchmarks.train_throughput --images 400 --size 256 --workers 0 2 4
 
 The time covers shard reading, RLE decoding, image decoding, augmentation (scale jitter around
 ``--size``, flip) and collation into the batch dict; it starts before the first batch is asked

@@ -1,6 +1,6 @@
 """How good pseudo masks are against ground-truth instances: matching at a mask IoU
 threshold, recall / precision / label accuracy of the masks a filter keeps, and COCO's
-class-agnostic mask average recall. Used by ``benchmarks/propose_quality.py`` and by anything
+class-agnostic mask average recall. Used by ``tools/propose_quality.py`` and by anything
 that reports pseudo-mask quality against known instances (the demo's synthetic ground truth).
 """
 from __future__ import annotations

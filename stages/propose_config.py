@@ -98,7 +98,7 @@ def check_weights_given(cfg: ProposeConfig) -> None:
     backbone = ("--backbone-checkpoint FILE", cfg.backbone_checkpoint,
                 "local backbone weights; `uplvp stage backbone` trains them without labels")
     missing = {"clip": ("--clip-checkpoint FILE", cfg.clip_checkpoint,
-                        "open_clip weights for --clip-model; benchmarks/train_clip.py trains one"),
+                        "open_clip weights for --clip-model; tools/train_clip.py trains one"),
                "freemask": backbone, "maskcut": backbone}.get(cfg.proposer)
     if missing is None or missing[1] is not None or cfg.random_weights:
         return

@@ -118,9 +118,9 @@ def test_backbone_learning_rate_multiplier_groups_exactly_the_backbone():
 
 
 def test_the_mask_rcnn_peers_fpn_learns_at_the_head_rate():
-    from benchmark_scripts import load_benchmark
+    import importlib
 
-    peers = load_benchmark("peer_models")
+    peers = importlib.import_module("experiments.peer_models")
     torch.manual_seed(0)
     model = peers.build_maskrcnn_tiny(3, 64)
     rest, backbone = param_groups(model, TrainConfig(max_steps=1, lr=1e-3,

@@ -26,7 +26,7 @@ from uplvp_model.model import build_model
 from uplvp_model.proposal.features import load_feature_backbone
 from uplvp_model.self_supervised import SelfSupervisedModel
 
-from benchmark_scripts import load_benchmark
+import importlib
 
 pytest.importorskip("lightly")
 
@@ -188,7 +188,7 @@ def test_backbone_pt_loads_into_the_feature_proposers_with_its_architecture(expo
 
 
 def test_backbone_pt_loads_strictly_into_the_mask_rcnn_peer(exported):
-    peers = load_benchmark("peer_models")
+    peers = importlib.import_module("experiments.peer_models")
     preset, path, planted = exported
     name, channels = preset_backbone(preset)
     if name == "tiny":

@@ -11,13 +11,8 @@ pytest.importorskip("faster_coco_eval")
 
 def planted_set():
     """A small set through the benchmark's generator (random shapes, 100 detections/image)."""
-    import importlib.util
-    from pathlib import Path
+    from benchmarks import coco_eval_speed as module
 
-    spec = importlib.util.spec_from_file_location(
-        "coco_eval_speed", Path(__file__).parents[1] / "benchmarks" / "coco_eval_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     return module, module.synthetic_set(12, 96, seed=3)
 
 

@@ -1,7 +1,7 @@
 """benchmarks/demo_seeds.py: one line per seed from a demo summary, and the target verdict."""
-from benchmark_scripts import load_benchmark
+import importlib
 
-demo_seeds = load_benchmark("demo_seeds")
+demo_seeds = importlib.import_module("benchmarks.demo_seeds")
 
 
 def summary(pre_ap, scratch_ap, reach, seconds=300.0, final=500):

@@ -1,4 +1,4 @@
-"""benchmarks/finetune_probe.py: objectness scores, label accuracy on hand-made detections, and
+"""experiments/finetune_probe.py: objectness scores, label accuracy on hand-made detections, and
 the script end to end against `uplvp stage evaluate` on the same checkpoint."""
 from pathlib import Path
 
@@ -13,10 +13,10 @@ from uplvp_model.checkpoint import save_model_state
 from uplvp_model.config import model_config
 from uplvp_model.model import build_model
 
-from benchmark_scripts import load_benchmark
+import importlib
 
 
-probe = load_benchmark("finetune_probe")
+probe = importlib.import_module("experiments.finetune_probe")
 
 
 def rle(mask: np.ndarray) -> dict:

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_prints_every_row_on_cpu():
     result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--preset", "tiny",
+        [sys.executable, "-m", "benchmarks.gpu_check", "--preset", "tiny",
          "--short-side", "64", "--long-side", "64", "--batch", "2", "--steps", "1",
          "--skip-clip", "--device", "cpu", "--decoders", "knet", "--amp", "bf16"],
         capture_output=True, text=True, timeout=600, cwd=REPO)

@@ -9,11 +9,11 @@ import statistics
 import pytest
 import torch
 
-from benchmark_scripts import load_benchmark
+import importlib
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
-inference_cpu = load_benchmark("inference_cpu")
+inference_cpu = importlib.import_module("benchmarks.inference_cpu")
 
 ROW = re.compile(r"^\| (?P<label>[^|]+) \| (?P<backbone>[^|]+) \| (?P<params>[\d.]+) \| "
                  r"(?P<median>[\d.]+) \| (?P<ips>[\d.]+) \| (?P<ratio>[\d.]+x|-) \| "

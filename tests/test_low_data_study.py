@@ -1,4 +1,4 @@
-"""benchmarks/low_data_study.py with toy budgets: runs every cell, resumes, re-reports."""
+"""experiments/low_data_study.py with toy budgets: runs every cell, resumes, re-reports."""
 import json
 import subprocess
 import sys
@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmark_scripts import load_benchmark
+import importlib
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "low_data_study.py"
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = ["-m", "experiments.low_data_study"]  # run from the repository root
 
 
 @pytest.fixture(scope="module")
 def study():
-    return load_benchmark("low_data_study")
+    return importlib.import_module("experiments.low_data_study")
 
 
 def test_study_runs_resumes_and_reports(study, tmp_path):
@@ -125,10 +126,10 @@ def test_two_processes_share_one_study_without_duplicates(tmp_path):
         short_side=[64, 64], eval_short_side=64, max_long_side=96, propose_workers=0,
         pretrain_steps=2, finetune_steps=2, eval_every=1, min_score=0.0)))
     out = tmp_path / "study"
-    command = [sys.executable, str(SCRIPT), "--out", str(out), "--config", str(config),
+    command = [sys.executable, *SCRIPT, "--out", str(out), "--config", str(config),
                "--threads", "1"]
     workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True) for _ in range(2)]
+                                text=True, cwd=REPO) for _ in range(2)]
     logs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], logs
     lines = (out / "results.jsonl").read_text().splitlines()
@@ -246,8 +247,8 @@ def test_maskrcnn_cells_are_scratch_only_and_train_evaluate_and_report(study, tm
 def test_an_unknown_decoder_is_one_error_line(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("decoders: [knet, yolo]\n")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "s"),
-                           "--config", str(config)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, *SCRIPT, "--out", str(tmp_path / "s"),
+                           "--config", str(config)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: unknown decoder(s) ['yolo']; choose from ['knet', 'mask2former', 'maskrcnn']")

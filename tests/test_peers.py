@@ -1,4 +1,4 @@
-"""benchmarks/peers.py: the adapters that put transformers' Mask2Former and torchvision's Mask
+"""experiments/peers.py: the adapters that put transformers' Mask2Former and torchvision's Mask
 R-CNN on our batch contract and our scoring, checked on planted inputs."""
 import json
 from pathlib import Path
@@ -10,10 +10,10 @@ from pycocotools import mask as mask_utils
 
 from pipeline.evaluation import batch_to_coco_results
 
-from benchmark_scripts import load_benchmark
+import importlib
 
 
-peers = load_benchmark("peers")
+peers = importlib.import_module("experiments.peers")
 
 
 def planted_batch() -> dict:
@@ -116,7 +116,7 @@ def test_table_rows_are_percent_and_sorted_by_model_order():
 
 
 def test_tiny_maskrcnn_is_our_tiny_backbone_under_a_width_64_fpn_and_trains():
-    import peer_models  # benchmarks/ is on sys.path since load_benchmark
+    from experiments import peer_models
 
     from uplvp_model.backbone import TinyBackbone
 

@@ -1,4 +1,4 @@
-"""benchmarks/pretrain_probe.py: class-agnostic ground truth, best-IoU statistics, loading a
+"""experiments/pretrain_probe.py: class-agnostic ground truth, best-IoU statistics, loading a
 pre-training checkpoint, and the script end to end on tiny generated data."""
 from pathlib import Path
 
@@ -15,10 +15,10 @@ from uplvp_model.model import build_model
 from uplvp_model.pretraining import PromptedModel
 from uplvp_model.prompts import PromptEncoder
 
-from benchmark_scripts import load_benchmark
+import importlib
 
 
-probe = load_benchmark("pretrain_probe")
+probe = importlib.import_module("experiments.pretrain_probe")
 
 
 def rle(mask: np.ndarray) -> dict:

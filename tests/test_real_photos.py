@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmark_scripts import load_benchmark
+import importlib
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 pytestmark = pytest.mark.skipif(
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_instance_crops_are_every_non_crowd_instance_with_a_big_enough_box():
-    probe = load_benchmark("backbone_probe")
+    probe = importlib.import_module("experiments.backbone_probe")
     crops = probe.instance_crops(DATA / "coco_small" / "val.yaml", crop_size=32, min_side=16,
                                  context=0.1)
     coco = json.loads((DATA / "coco_small" / "instances_val.json").read_text())
@@ -31,7 +31,7 @@ def test_instance_crops_are_every_non_crowd_instance_with_a_big_enough_box():
 
 
 def test_ground_truth_as_detections_has_an_average_recall_of_one():
-    quality = load_benchmark("propose_quality")
+    quality = importlib.import_module("tools.propose_quality")
     from pipeline.coco import ground_truth_rles
     from pipeline.manifest import load_manifest
 
@@ -69,11 +69,10 @@ def test_overlays_refuse_a_photo_whose_licence_forbids_changes_unless_masks_only
 
     import cv2
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "real_photo_overlays.py"
     val = DATA / "coco_small" / "val.yaml"
     coco = json.loads((DATA / "coco_small" / "instances_val.json").read_text())
     image_id = next(im["id"] for im in coco["images"] if im["license"] == 3)  # CC BY-NC-ND
-    args = [sys.executable, str(script), "--data", str(val), "--image-ids", str(image_id),
+    args = [sys.executable, "-m", "experiments.real_photo_overlays", "--data", str(val), "--image-ids", str(image_id),
             "--run", 'classical={"proposer": "classical"}', "--out", str(tmp_path), "--width", "200"]
     refused = subprocess.run(args, capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parents[1])

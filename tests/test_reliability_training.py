@@ -3,7 +3,7 @@ uninterrupted loss curve, a kill mid-checkpoint-write never leaves a partial fil
 checkpoint name, ``latest`` always names a loadable checkpoint, and non-finite losses never step
 the optimizer nor reach a checkpoint (``--on-nan skip|stop``).
 
-Faults come from the documented test hook ``UPLVP_TRAIN_FAULT`` (stages/trainer.py) so each kill
+Faults come from the documented test hook ``UPLVP_TRAIN_FAULT`` (pipeline/engine/faults.py) so each kill
 lands at a known point; the kills themselves are real SIGKILLs of a ``stages.cli`` subprocess.
 """
 from __future__ import annotations

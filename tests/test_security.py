@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from stages.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE_DIRS = ("pipeline", "stages", "uplvp_model", "benchmarks")
+SOURCE_DIRS = ("pipeline", "stages", "uplvp_model", "benchmarks", "experiments", "tools")
 UNSAFE_MODULES = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/ship_clip.py: a finished train_clip.py run becomes a shipped model that loads by
+"""tools/ship_clip.py: a finished train_clip.py run becomes a shipped model that loads by
 name with its weights rounded to half precision, a card that validates, and the command that
 reproduces it."""
 from __future__ import annotations
@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from benchmark_scripts import load_benchmark
+import importlib
 from uplvp_model.proposal import clip_dense, shipped
 
-tc = load_benchmark("train_clip")
-ship_clip = load_benchmark("ship_clip")
+tc = importlib.import_module("tools.train_clip")
+ship_clip = importlib.import_module("tools.ship_clip")
 
 TINY_CONFIG = {
     "embed_dim": 16,
@@ -38,7 +38,7 @@ def test_a_trained_run_ships_and_loads_by_name(tmp_path, monkeypatch):
     assert card["vocabulary"] == [c.name for c in tc.CATEGORIES]
     # the command names exactly the settings that differ from train_clip.py's defaults
     assert card["command"] == (
-        f".venv/bin/python benchmarks/train_clip.py --config {config} --train-images 8 "
+        f".venv/bin/python -m tools.train_clip --config {config} --train-images 8 "
         "--base-size 64 --steps 2 --batch-size 4 --lr 0.001 --warmup 1")
     assert card["data_seeds"] == {"seed": 0, "train_split": "clip-train", "train_images": 8,
                                   "heldout_split": "clip-heldout", "heldout_images": 4}

@@ -1,13 +1,13 @@
-"""benchmarks/study_cell_variant.py: option checks, final AP reading and the paired report."""
+"""experiments/study_cell_variant.py: option checks, final AP reading and the paired report."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from benchmark_scripts import load_benchmark
+import importlib
 
-variant = load_benchmark("study_cell_variant")
+variant = importlib.import_module("experiments.study_cell_variant")
 
 
 def _metrics(run_dir, points):

@@ -1,11 +1,11 @@
-"""benchmarks/study_details.py on a hand-made study folder with known values."""
+"""experiments/study_details.py on a hand-made study folder with known values."""
 import json
 from pathlib import Path
 
-from benchmark_scripts import load_benchmark
+import importlib
 
 
-details = load_benchmark("study_details")
+details = importlib.import_module("experiments.study_details")
 
 
 def write_run(folder: Path, dice: float, aps: list[float]) -> None:

@@ -1,10 +1,10 @@
-"""benchmarks/study_overview.py: one table over study folders, Mask R-CNN cells taken from
+"""experiments/study_overview.py: one table over study folders, Mask R-CNN cells taken from
 another folder, seeds at or above Mask R-CNN counted per seed."""
 import json
 
 import pytest
 
-from benchmark_scripts import load_benchmark
+import importlib
 
 
 def folder(path, records):
@@ -23,7 +23,7 @@ def cell(decoder, arm, seed, ap):
 
 
 def test_overview_rows_ratios_and_seeds_at_or_above_mask_rcnn(tmp_path):
-    overview = load_benchmark("study_overview")
+    overview = importlib.import_module("experiments.study_overview")
     ours = folder(tmp_path / "ours", [cell("knet", "scratch", 0, 0.02), cell("knet", "scratch", 1, 0.04),
                                       cell("knet", "full", 0, 0.06), cell("knet", "full", 1, 0.03)])
     peer = folder(tmp_path / "peer", [cell("maskrcnn", "scratch", 0, 0.05),

@@ -1,4 +1,4 @@
-"""benchmarks/train_clip.py: captions from annotations, the retrieval metrics on planted inputs,
+"""tools/train_clip.py: captions from annotations, the retrieval metrics on planted inputs,
 the dense training path, and a tiny end-to-end run whose checkpoint ``load_clip`` loads."""
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pipeline.synth import CATEGORIES, synth_example
 from stages.propose import read_vocabulary
 from uplvp_model.proposal.clip_dense import dense_clip_features, load_clip
 
-from benchmark_scripts import load_benchmark
+import importlib
 
 
-tc = load_benchmark("train_clip")
+tc = importlib.import_module("tools.train_clip")
 Obj = tc.SceneObject
 
 TINY_CONFIG = {
