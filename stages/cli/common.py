@@ -74,15 +74,3 @@ AmpOpt = typer.Option(None, "--amp", help="Mixed precision on CUDA: off (default
 AccumulationOpt = typer.Option(
     None, "--accumulation-steps", help="Batches per optimizer step (default 1).")
 
-
-def training_overrides(*, out, preset, decoder, max_steps, batch_size, lr, num_workers, seed,
-                       device, resume, on_nan, checkpoint_every, amp=None,
-                       accumulation_steps=None) -> dict:
-    """Config overrides of the options pretrain and finetune share."""
-    return {
-        "out": out, "model.preset": preset, "model.decoder": decoder,
-        "train.max_steps": max_steps, "data.batch_size": batch_size, "train.lr": lr,
-        "data.num_workers": num_workers, "data.seed": seed, "device": device, "resume": resume,
-        "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every, "train.amp": amp,
-        "train.accumulation_steps": accumulation_steps,
-    }

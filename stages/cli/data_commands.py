@@ -6,15 +6,9 @@ from typing import Optional
 
 import typer
 
-from stages.cli.common import (
-    ConfigOpt,
-    NoProgressOpt,
-    SetOpt,
-    convert_app,
-    data_app,
-)
+from stages.cli.common import convert_app, data_app
 from stages.cli.config_help import config_command
-from stages.config import load_config
+from stages.cli.options import PROGRESS, Given, config_options
 from stages.errors import fail, user_errors
 
 # --------------------------------------------------------------------------- data
@@ -22,6 +16,7 @@ from stages.errors import fail, user_errors
 
 @data_app.command("synth", cls=config_command("stages.data:SynthConfig"))
 @user_errors
+@config_options(PROGRESS)
 def data_synth(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default 0)."),
@@ -29,30 +24,20 @@ def data_synth(
     num_train: Optional[int] = typer.Option(None, help="Labeled train images (default 60)."),
     num_val: Optional[int] = typer.Option(None, help="Labeled val images (default 60)."),
     image_size: Optional[int] = typer.Option(None, help="Base image side in px (default 128)."),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    *,
+    given: Given,
 ) -> None:
     """Write the deterministic synthetic demo dataset: unlabeled pool, train and val sets
     (COCO JSON, polygon segmentations) and their manifests."""
     from stages.data import SynthConfig, run_synth
 
-    cfg = load_config(
-        SynthConfig,
-        config,
-        dict(
-            out=out,
-            seed=seed,
-            num_unlabeled=num_unlabeled,
-            num_train=num_train,
-            num_val=num_val,
-            image_size=image_size,
-        ), sets)
-    run_synth(cfg, progress=not no_progress)
+    run_synth(given.load(SynthConfig), progress=given.progress)
 
 
-@data_app.command("split", context_settings={"allow_extra_args": True}, cls=config_command("stages.data:SplitConfig"))
+@data_app.command("split", context_settings={"allow_extra_args": True},
+                  cls=config_command("stages.data:SplitConfig"))
 @user_errors
+@config_options(keys={"ctx": None, "percent": None, "seed": None})
 def data_split(
     ctx: typer.Context,
     annotations: Optional[Path] = typer.Option(None, "--annotations", help="COCO JSON to split."),
@@ -69,26 +54,15 @@ def data_split(
     out: Optional[Path] = typer.Option(
         None, "--out", help="Output folder (default: beside the annotations)."
     ),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
+    *,
+    given: Given,
 ) -> None:
     """Seeded image-level low-data subsets, named like instances_train2017.{seed}@{percent}.json,
     plus a manifest for each. One seed gives nested subsets (1% in 5% in 10%)."""
     from stages.data import SplitConfig, run_split
 
     percents = _parse_numbers("--percent", (percent or []) + list(ctx.args))
-    cfg = load_config(
-        SplitConfig,
-        config,
-        dict(
-            annotations=annotations,
-            manifest=manifest,
-            images_root=images_root,
-            percent=percents or None,
-            seed=seed or None,
-            out=out,
-        ), sets)
-    run_split(cfg)
+    run_split(given.load(SplitConfig, percent=percents or None, seed=seed or None))
 
 
 def _parse_numbers(option: str, values: list[str]) -> list[float]:
@@ -107,25 +81,24 @@ def _parse_numbers(option: str, values: list[str]) -> list[float]:
 
 @convert_app.command("cityscapes", cls=config_command("stages.data:CityscapesConfig"))
 @user_errors
+@config_options(PROGRESS)
 def convert_cityscapes(
     root: Optional[Path] = typer.Option(None, "--root", help="Cityscapes root (gtFine/, leftImg8bit/)."),
     split: Optional[str] = typer.Option(None, "--split", help="train | val | test (default train)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output COCO JSON."),
     min_area: Optional[int] = typer.Option(None, help="Drop instances smaller than this (px)."),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    *,
+    given: Given,
 ) -> None:
     """Cityscapes gtFine *_instanceIds.png -> COCO instances JSON (8 instance classes)."""
     from stages.data import CityscapesConfig, run_convert_cityscapes
 
-    cfg = load_config(
-        CityscapesConfig, config, dict(root=root, split=split, out=out, min_area=min_area), sets)
-    run_convert_cityscapes(cfg, progress=not no_progress)
+    run_convert_cityscapes(given.load(CityscapesConfig), progress=given.progress)
 
 
 @convert_app.command("ctw1500", cls=config_command("stages.data:Ctw1500Config"))
 @user_errors
+@config_options(PROGRESS)
 def convert_ctw1500(
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of CTW1500 images."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label .txt files."),
@@ -133,18 +106,13 @@ def convert_ctw1500(
     label_format: Optional[str] = typer.Option(
         None, "--label-format", help="auto | curve | polygon (default auto)."
     ),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    *,
+    given: Given,
 ) -> None:
     """CTW1500 curved-text polygons -> COCO instances JSON (one category: text)."""
     from stages.data import Ctw1500Config, run_convert_ctw1500
 
-    cfg = load_config(
-        Ctw1500Config,
-        config,
-        dict(images=images, labels=labels, out=out, label_format=label_format), sets)
-    run_convert_ctw1500(cfg, progress=not no_progress)
+    run_convert_ctw1500(given.load(Ctw1500Config), progress=given.progress)
 
 
 @data_app.command("check")

@@ -6,19 +6,15 @@ from typing import Optional
 
 import typer
 
-from stages.cli.common import (
-    ConfigOpt,
-    DeviceOpt,
-    NoProgressOpt,
-    SetOpt,
-    app,
-)
+from stages.cli.common import app
 from stages.cli.config_help import config_command
-from stages.config import load_config
+from stages.cli.options import DEVICE, PROGRESS, Given, config_options
 from stages.errors import user_errors
+
 
 @app.command("predict", cls=config_command("stages.predict:PredictConfig"))
 @user_errors
+@config_options(DEVICE, PROGRESS)
 def predict(
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="Fine-tuned checkpoint file or run folder (its latest)."),
@@ -28,20 +24,15 @@ def predict(
     short_side: Optional[int] = typer.Option(None, help="Resize short side (default 800)."),
     score_threshold: Optional[float] = typer.Option(None, help="Keep detections from (default 0.5)."),
     overlays: Optional[bool] = typer.Option(None, "--overlays", help="Also write overlay PNGs."),
-    device: Optional[str] = DeviceOpt,
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    *,
+    given: Given,
 ) -> None:
     """Inference on new images: COCO results JSON and optional overlays (exit 1: some images
     could not be read; the others are predicted, the failed listed in OUT/unreadable.json)."""
     from stages.evaluate import EXIT_SOME_IMAGES_UNREADABLE
     from stages.predict import PredictConfig, run_predict
 
-    cfg = load_config(PredictConfig, config, dict(
-        checkpoint=checkpoint, images=images, out=out, batch_size=batch_size,
-        short_side=short_side, score_threshold=score_threshold, overlays=overlays, device=device), sets)
-    if run_predict(cfg, progress=not no_progress)["num_unreadable"]:
+    if run_predict(given.load(PredictConfig), progress=given.progress)["num_unreadable"]:
         raise typer.Exit(EXIT_SOME_IMAGES_UNREADABLE)
 
 
@@ -50,6 +41,7 @@ def predict(
 
 @app.command("demo", cls=config_command("stages.demo:DemoConfig"))
 @user_errors
+@config_options(PROGRESS)
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default demo_run)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default 0)."),
@@ -66,23 +58,19 @@ def demo(
         None, "--clip-model", help="CLIP of the clip proposer (default uplvp-synth-vit, shipped)."),
     clip_checkpoint: Optional[str] = typer.Option(
         None, "--clip-checkpoint", help="Its weights file (default: the shipped model's)."),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    *,
+    given: Given,
 ) -> None:
     """The whole pipeline on embedded synthetic data: synth -> propose -> pretrain -> finetune
     from the pre-trained kernels and from scratch (same budget) -> evaluate -> comparison."""
     from stages.demo import DemoConfig, run_demo
 
-    cfg = load_config(DemoConfig, config, dict(
-        out=out, seed=seed, pretrain_steps=pretrain_steps, finetune_steps=finetune_steps,
-        propose_workers=propose_workers, proposer=proposer, clip_model=clip_model,
-        clip_checkpoint=clip_checkpoint), sets)
-    run_demo(cfg, progress=not no_progress)
+    run_demo(given.load(DemoConfig), progress=given.progress)
 
 
 @app.command("export", cls=config_command("stages.export:ExportConfig"))
 @user_errors
+@config_options()
 def export(
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="Fine-tuned checkpoint file or run folder (its latest)."),
@@ -98,15 +86,11 @@ def export(
         None, "--torchscript", help="Also write a TorchScript module (OUT .torchscript.pt)."),
     verify: Optional[bool] = typer.Option(
         None, "--verify/--no-verify", help="Check the graph against PyTorch (default on)."),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
+    *,
+    given: Given,
 ) -> None:
     """Export a fine-tuned checkpoint to ONNX: uint8 image [1, 3, H, W] in (any size), mask
     probabilities, scores and category ids out (needs the export extra; docs/export.md)."""
     from stages.export import ExportConfig, run_export
 
-    cfg = load_config(ExportConfig, config, dict(
-        checkpoint=checkpoint, out=out, opset=opset, max_detections=max_detections,
-        short_side=short_side, max_long_side=max_long_side, torchscript=torchscript,
-        verify=verify), sets)
-    run_export(cfg)
+    run_export(given.load(ExportConfig))

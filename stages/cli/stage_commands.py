@@ -6,31 +6,9 @@ from typing import Optional
 
 import typer
 
-from stages.cli.common import (
-    AccumulationOpt,
-    AllowPartialInitOpt,
-    AmpOpt,
-    BackboneLrOpt,
-    BatchSizeOpt,
-    CheckpointEveryOpt,
-    ConfigOpt,
-    DecoderOpt,
-    DeviceOpt,
-    LrOpt,
-    NoProgressOpt,
-    NormOpt,
-    NumWorkersOpt,
-    OnNanOpt,
-    PresetOpt,
-    ResumeOpt,
-    RunOutOpt,
-    SeedOpt,
-    SetOpt,
-    stage_app,
-    training_overrides,
-)
+from stages.cli.common import stage_app
 from stages.cli.config_help import config_command
-from stages.config import load_config
+from stages.cli.options import DEVICE, MODEL_TRAINING, PROGRESS, RUN, Given, config_options
 from stages.errors import user_errors
 
 # --------------------------------------------------------------------------- stages
@@ -38,6 +16,7 @@ from stages.errors import user_errors
 
 @stage_app.command("propose", cls=config_command("stages.propose:ProposeConfig"))
 @user_errors
+@config_options(PROGRESS)
 def stage_propose(
     images: Optional[Path] = typer.Option(None, "--images", help="Manifest of the unlabeled images."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (masks/, images/, stage.json)."),
@@ -77,26 +56,13 @@ def stage_propose(
     shard_index: Optional[int] = typer.Option(None, help="Array task index I (with --num-shards)."),
     num_shards: Optional[int] = typer.Option(None, help="Array task count N: run shards k = I mod N."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Redo completed shards."),
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    *,
+    given: Given,
 ) -> None:
     """Masks Proposal: pseudo instance masks + prompt ingredients as Parquet shards."""
     from stages.propose import ProposeConfig, run_propose
 
-    cfg = load_config(
-        ProposeConfig,
-        config,
-        dict(
-            images=images, out=out, proposer=proposer, clip_model=clip_model,
-            clip_checkpoint=clip_checkpoint, backbone_checkpoint=backbone_checkpoint,
-            random_weights=random_weights, vocabulary=vocabulary, min_score=min_score,
-            top_k=top_k, min_area=min_area, shard_size=shard_size,
-            batch_size=batch_size, max_side=max_side, device=device, num_workers=num_workers,
-            ray_address=ray_address, shards=shards, shard_index=shard_index,
-            num_shards=num_shards, overwrite=overwrite,
-        ), sets)
-    code = run_propose(cfg, progress=not no_progress)
+    code = run_propose(given.load(ProposeConfig), progress=given.progress)
     if code:
         raise typer.Exit(code)
 
@@ -104,9 +70,11 @@ def stage_propose(
 
 @stage_app.command("backbone", cls=config_command("stages.backbone:BackboneConfig"))
 @user_errors
+@config_options(RUN, PROGRESS, keys={"objective": "objective.name", "image_size": "data.image_size",
+                                      "queue_size": "objective.queue_size", "max_steps": "train.max_steps",
+                                      "batch_size": "data.batch_size", "lr": "train.lr"})
 def stage_backbone(
     images: Optional[Path] = typer.Option(None, "--images", help="Manifest of the unlabeled images."),
-    out: Optional[Path] = RunOutOpt,
     preset: Optional[str] = typer.Option(
         None, "--preset", help="Whose backbone: tiny | small (default, ResNet-18) | lite (EfficientNet-Lite0) | base (ResNet-50)."),
     objective: Optional[str] = typer.Option(None, "--objective", help="mocov2 (default) | densecl."),
@@ -119,80 +87,44 @@ def stage_backbone(
     batch_size: Optional[int] = typer.Option(
         None, "--batch-size", help="Global batch size, images (default 256)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="SGD learning rate (default 0.03)."),
-    num_workers: Optional[int] = NumWorkersOpt,
-    seed: Optional[int] = SeedOpt,
-    device: Optional[str] = DeviceOpt,
-    resume: Optional[bool] = ResumeOpt,
-    on_nan: Optional[str] = OnNanOpt,
-    checkpoint_every: Optional[int] = CheckpointEveryOpt,
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    *,
+    given: Given,
 ) -> None:
     """Self-supervised backbone pre-training (MoCo v2 / DenseCL) on unlabeled images; writes
     OUT/backbone.pt for --backbone-checkpoint."""
     from stages.backbone import BackboneConfig, run_backbone
 
-    cfg = load_config(BackboneConfig, config, {
-        "images": images, "out": out, "preset": preset, "objective.name": objective,
-        "init": init, "data.image_size": image_size, "objective.queue_size": queue_size,
-        "train.max_steps": max_steps, "data.batch_size": batch_size, "train.lr": lr,
-        "data.num_workers": num_workers, "data.seed": seed, "device": device, "resume": resume,
-        "train.on_nan": on_nan, "train.checkpoint_every": checkpoint_every,
-    }, sets)
-    run_backbone(cfg, progress=not no_progress)
+    run_backbone(given.load(BackboneConfig), progress=given.progress)
 
 
 @stage_app.command("pretrain", cls=config_command("stages.pretrain:PretrainConfig"))
 @user_errors
+@config_options(MODEL_TRAINING, RUN, PROGRESS, keys={
+    "backbone_checkpoint": "model.backbone_checkpoint", "freeze_backbone": "model.freeze_backbone",
+    "strategy": "prompt.strategy", "max_steps": "train.max_steps"})
 def stage_pretrain(
     shards: Optional[Path] = typer.Option(None, "--shards", help="The propose stage's output folder."),
-    out: Optional[Path] = RunOutOpt,
-    preset: Optional[str] = PresetOpt,
-    decoder: Optional[str] = DecoderOpt,
     backbone_checkpoint: Optional[str] = typer.Option(None, help="Local ResNet weights (e.g. MoCo v2)."),
     freeze_backbone: Optional[bool] = typer.Option(
         None, "--freeze-backbone/--train-backbone",
         help="Freeze the backbone (default: frozen when --backbone-checkpoint is given, as the "
              "reference freezes its MoCo backbone; trained otherwise)."),
-    norm: Optional[str] = NormOpt,
-    backbone_lr_mult: Optional[float] = BackboneLrOpt,
-    allow_partial_init: Optional[bool] = AllowPartialInitOpt,
     strategy: Optional[str] = typer.Option(None, help="Prompt-kernel matching: spread (default) | cosine | hungarian."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 10000)."),
-    batch_size: Optional[int] = BatchSizeOpt,
-    lr: Optional[float] = LrOpt,
-    num_workers: Optional[int] = NumWorkersOpt,
-    seed: Optional[int] = SeedOpt,
-    device: Optional[str] = DeviceOpt,
-    resume: Optional[bool] = ResumeOpt,
-    on_nan: Optional[str] = OnNanOpt,
-    checkpoint_every: Optional[int] = CheckpointEveryOpt,
-    amp: Optional[str] = AmpOpt,
-    accumulation_steps: Optional[int] = AccumulationOpt,
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    *,
+    given: Given,
 ) -> None:
     """Prompt-kernel matching + kernel supervision on the proposal shards."""
     from stages.pretrain import PretrainConfig, run_pretrain
 
-    cfg = load_config(PretrainConfig, config, {
-        "shards": shards, "model.backbone_checkpoint": backbone_checkpoint,
-        "model.freeze_backbone": freeze_backbone, "prompt.strategy": strategy,
-        "model.allow_partial_init": allow_partial_init, "model.norm": norm,
-        "train.backbone_lr_multiplier": backbone_lr_mult,
-        **training_overrides(
-            out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
-            lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
-            on_nan=on_nan, checkpoint_every=checkpoint_every, amp=amp,
-            accumulation_steps=accumulation_steps),
-    }, sets)
-    run_pretrain(cfg, progress=not no_progress)
+    run_pretrain(given.load(PretrainConfig), progress=given.progress)
 
 
 @stage_app.command("finetune", cls=config_command("stages.finetune:FinetuneConfig"))
 @user_errors
+@config_options(MODEL_TRAINING, RUN, PROGRESS, keys={
+    "backbone_checkpoint": "model.backbone_checkpoint", "freeze_backbone": "model.freeze_backbone",
+    "max_steps": "train.max_steps", "eval_every": "train.eval_every"})
 def stage_finetune(
     train_data: Optional[Path] = typer.Option(None, "--train", help="Labeled manifest to train on."),
     val_data: Optional[Path] = typer.Option(None, "--val", help="Labeled manifest for validation."),
@@ -203,47 +135,20 @@ def stage_finetune(
     freeze_backbone: Optional[bool] = typer.Option(
         None, "--freeze-backbone/--train-backbone",
         help="Freeze the backbone and its BatchNorm (default: trained, at --backbone-lr-mult)."),
-    allow_partial_init: Optional[bool] = AllowPartialInitOpt,
-    norm: Optional[str] = NormOpt,
-    backbone_lr_mult: Optional[float] = BackboneLrOpt,
-    out: Optional[Path] = RunOutOpt,
-    preset: Optional[str] = PresetOpt,
-    decoder: Optional[str] = DecoderOpt,
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps (default 2000)."),
-    batch_size: Optional[int] = BatchSizeOpt,
-    lr: Optional[float] = LrOpt,
     eval_every: Optional[int] = typer.Option(None, help="Validate every N steps (default 200)."),
-    num_workers: Optional[int] = NumWorkersOpt,
-    seed: Optional[int] = SeedOpt,
-    device: Optional[str] = DeviceOpt,
-    resume: Optional[bool] = ResumeOpt,
-    on_nan: Optional[str] = OnNanOpt,
-    checkpoint_every: Optional[int] = CheckpointEveryOpt,
-    amp: Optional[str] = AmpOpt,
-    accumulation_steps: Optional[int] = AccumulationOpt,
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    *,
+    given: Given,
 ) -> None:
     """Fine-tune on a small labeled COCO-format set (from a pre-trained checkpoint or scratch)."""
     from stages.finetune import FinetuneConfig, run_finetune
 
-    cfg = load_config(FinetuneConfig, config, {
-        "train_data": train_data, "val_data": val_data, "init": init,
-        "model.backbone_checkpoint": backbone_checkpoint, "model.freeze_backbone": freeze_backbone,
-        "model.allow_partial_init": allow_partial_init, "model.norm": norm,
-        "train.backbone_lr_multiplier": backbone_lr_mult, "train.eval_every": eval_every,
-        **training_overrides(
-            out=out, preset=preset, decoder=decoder, max_steps=max_steps, batch_size=batch_size,
-            lr=lr, num_workers=num_workers, seed=seed, device=device, resume=resume,
-            on_nan=on_nan, checkpoint_every=checkpoint_every, amp=amp,
-            accumulation_steps=accumulation_steps),
-    }, sets)
-    run_finetune(cfg, progress=not no_progress)
+    run_finetune(given.load(FinetuneConfig), progress=given.progress)
 
 
 @stage_app.command("evaluate", cls=config_command("stages.evaluate:EvaluateConfig"))
 @user_errors
+@config_options(DEVICE, PROGRESS)
 def stage_evaluate(
     checkpoint: Optional[Path] = typer.Option(
         None, "--checkpoint", help="Fine-tuned checkpoint file or run folder (its latest)."),
@@ -253,17 +158,12 @@ def stage_evaluate(
     short_side: Optional[int] = typer.Option(None, help="Resize short side (default 800)."),
     score_threshold: Optional[float] = typer.Option(None, help="Drop detections below (default 0)."),
     max_detections: Optional[int] = typer.Option(None, help="Detections per image (default 100)."),
-    device: Optional[str] = DeviceOpt,
-    config: Optional[Path] = ConfigOpt,
-    sets: Optional[list[str]] = SetOpt,
-    no_progress: bool = NoProgressOpt,
+    *,
+    given: Given,
 ) -> None:
     """COCO mask AP (and box AP) of a checkpoint on a labeled manifest (exit 1: some images
     could not be read; they are listed and left out of the scores)."""
     from stages.evaluate import EXIT_SOME_IMAGES_UNREADABLE, EvaluateConfig, run_evaluate
 
-    cfg = load_config(EvaluateConfig, config, dict(
-        checkpoint=checkpoint, data=data, out=out, batch_size=batch_size, short_side=short_side,
-        score_threshold=score_threshold, max_detections=max_detections, device=device), sets)
-    if run_evaluate(cfg, progress=not no_progress)["unreadable"]:
+    if run_evaluate(given.load(EvaluateConfig), progress=given.progress)["unreadable"]:
         raise typer.Exit(EXIT_SOME_IMAGES_UNREADABLE)
