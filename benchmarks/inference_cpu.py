@@ -80,7 +80,7 @@ MAX_DETECTIONS = 100
 TARGET_RATIO = 1.5  # the target: ours >= 1.5x HF Mask2Former's images/s
 LONG_SIDE_FACTOR = 1333 / 800  # predict's max long side per short side
 BACKBONE_NAMES = {"tiny": "tiny CNN", "resnet18": "ResNet-18", "resnet50": "ResNet-50"}
-# the quick mode's transformers Mask2Former (tests/test_peers.py's small config)
+# the quick mode's transformers Mask2Former (tests/unit/scripts/test_peers.py's small config)
 QUICK_HF_CONFIG = {"num_queries": 10, "encoder_layers": 1, "decoder_layers": 2,
                    "hidden_dim": 32, "mask_feature_size": 32, "feature_size": 32,
                    "dim_feedforward": 64, "num_attention_heads": 4}

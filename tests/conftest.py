@@ -5,9 +5,13 @@ import json
 import os
 from pathlib import Path
 
-import cv2
-import numpy as np
+import shutil
+
 import pytest
+
+from pipeline.synth import write_synth_dataset
+from tests.helpers import rect_polygon, write_image
+from tests.helpers.propose import propose
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -23,15 +27,6 @@ def keep_torch_threads():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-
-
-def write_image(path: Path, height: int, width: int, value: int = 128) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), np.full((height, width, 3), value, dtype=np.uint8))
-
-
-def rect_polygon(x0: float, y0: float, x1: float, y1: float) -> list[float]:
-    return [x0, y0, x1, y0, x1, y1, x0, y1]
 
 
 @pytest.fixture
@@ -73,26 +68,23 @@ def tiny_coco(tmp_path: Path) -> dict:
     return {"dir": tmp_path, "root": root, "coco": coco, "annotations": ann_path, "manifest": manifest}
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for a gloo process group's init_method)."""
-    import socket
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    """(propose tests) 7 unlabeled synthetic images + one corrupt file, and a manifest over all 8."""
+    root = tmp_path_factory.mktemp("pool")
+    write_synth_dataset(root / "synth", seed=5, num_unlabeled=7, num_train=1, num_val=1,
+                        image_size=64, progress=False)
+    images = root / "images"
+    shutil.copytree(root / "synth" / "unlabeled" / "images", images)
+    (images / "unlabeled_000003b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    manifest = root / "pool.yaml"
+    manifest.write_text("name: pool\nimages: {root: images, glob: '*.png'}\n")
+    return manifest
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def spawn_and_wait(worker, args: tuple, nprocs: int, timeout_s: float) -> None:
-    """``torch.multiprocessing.spawn(worker, args, nprocs)``; kills the workers and fails the
-    test if they have not finished within ``timeout_s``."""
-    import time
-
-    import torch.multiprocessing as mp
-
-    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + timeout_s
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"spawned workers did not finish in {timeout_s} s")
+@pytest.fixture(scope="module")
+def classical_run(pool, tmp_path_factory):
+    out = tmp_path_factory.mktemp("classical")
+    result = propose(pool, out)
+    assert result.exit_code == 0, result.output
+    return out

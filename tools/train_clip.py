@@ -6,7 +6,7 @@
 
 Long runs: ``OUT/train_state.pt`` is written every ``--checkpoint-every`` steps (weights,
 optimizer, both sampling generators, the order queue, the history); ``--resume`` continues from
-it and ends with the weights an uninterrupted run ends with (tests/test_train_clip.py), and
+it and ends with the weights an uninterrupted run ends with (tests/unit/scripts/test_train_clip.py), and
 refuses a state written with other training settings; ``--stop-after N`` stops after step N.
 
 No CLIP weights can be downloaded here, so the ``clip`` proposer had only ever run on random
