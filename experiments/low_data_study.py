@@ -701,11 +701,14 @@ def report(out: Path, results_md: Path | None, note: str = "") -> str:
     return text
 
 
-def compose_note(note: str, note_file: Path | None) -> str:
-    """The text put above the report's table: ``note``, then the markdown of ``note_file``."""
-    if note_file is not None and not note_file.is_file():
-        raise InputError(f"--note-file {note_file} does not exist")
-    parts = [note.strip(), note_file.read_text().strip() if note_file is not None else ""]
+def compose_note(note: str, note_file: Path | list[Path] | None) -> str:
+    """The text put above the report's table: ``note``, then the markdown of each note file in
+    order (e.g. the study at one look, then the reading of the phases below)."""
+    files = [] if note_file is None else [note_file] if isinstance(note_file, Path) else note_file
+    for path in files:
+        if not path.is_file():
+            raise InputError(f"--note-file {path} does not exist")
+    parts = [note.strip(), *(path.read_text().strip() for path in files)]
     return "\n\n".join(part for part in parts if part)
 
 
@@ -736,8 +739,9 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="tables/plots only")
     parser.add_argument("--results-md", type=Path, help="also write this markdown report")
     parser.add_argument("--note", default="", help="a paragraph put above the table")
-    parser.add_argument("--note-file", type=Path, help="markdown put above the table "
-                        "(after --note): the study's reading, kept in a file")
+    parser.add_argument("--note-file", type=Path, action="append", help="markdown put above "
+                        "the table (after --note), in order; repeatable: the study at one look "
+                        "(results_overview.md), then the reading (study_reading.md)")
     parser.add_argument("--export", type=Path, help="copy the results and per-run metrics "
                         "to this folder (to keep; report and resume from it)")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this process "
