@@ -56,13 +56,16 @@ def setting_records(folder: Path, peer_folder: Path | None = None) -> list[dict]
     return records
 
 
-def overview(settings: list[tuple[str, Path, Path | None]]) -> str:
+def overview(settings: list[tuple[str, Path, Path | None]], arms: list[str] | None = None) -> str:
+    """The table; ``arms`` keeps only those arms (and Mask R-CNN), in the folders' order."""
     header = ("| setting | decoder | labeled | arm | seeds | mask AP | class-agnostic AP | "
               "AP / scratch | AP / Mask R-CNN | seeds >= Mask R-CNN |\n" + "|---" * 10 + "|\n")
     lines = []
     for name, folder, peer_folder in settings:
         records = setting_records(folder, peer_folder)
         for row in summarise(folder, records):
+            if arms and row["arm"] not in arms and row["decoder"] not in PEER_DECODERS:
+                continue
             lines.append(
                 f"| {name} | {row['decoder']} | {format_percent(row['regime'])}% | {row['arm']} | "
                 f"{row['seeds']} | {row['AP']} | {row.get('AP_agnostic') or '-'} | "
@@ -76,6 +79,7 @@ def main() -> None:
     parser.add_argument("--setting", action="append", required=True,
                         help="NAME=FOLDER, or NAME=FOLDER+PEER_FOLDER to take the Mask R-CNN "
                              "cells from another study folder of the same benchmark")
+    parser.add_argument("--arms", nargs="+", help="only these arms (Mask R-CNN rows are kept)")
     args = parser.parse_args()
     settings = []
     for item in args.setting:
@@ -85,7 +89,7 @@ def main() -> None:
             raise SystemExit(f"error: --setting {item!r}: expected NAME=FOLDER[+PEER_FOLDER] of "
                              "studies")
         settings.append((name, Path(folder), Path(peer) if peer else None))
-    print(overview(settings), end="")
+    print(overview(settings, args.arms), end="")
 
 
 if __name__ == "__main__":

@@ -35,5 +35,8 @@ def test_overview_rows_ratios_and_seeds_at_or_above_mask_rcnn(tmp_path):
     scratch, full, maskrcnn = rows
     assert full[5:10] == ["4.5 ± 2.1", "-", "1.50x", "0.90x", "1/2 |"]  # 0.06 >= 0.05, 0.03 < 0.05
     assert scratch[9] == "0/2 |" and maskrcnn[1] == "maskrcnn" and maskrcnn[9] == "- |"
+    kept = [line.split(" | ")[1:4] for line in overview.overview(
+        [("setting A", ours, peer)], arms=["full"]).splitlines()[2:]]
+    assert kept == [["knet", "5%", "full"], ["maskrcnn", "5%", "scratch"]]  # the peer stays
     with pytest.raises(SystemExit, match="recorded twice"):
         overview.setting_records(folder(tmp_path / "dup", [cell("knet", "scratch", 0, 0.1)] * 2))
