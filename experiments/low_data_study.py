@@ -144,6 +144,18 @@ SELECTION_FIELDS = ("regimes", "seeds", "arms", "decoders")
 # benchmark fields added later whose absence from a recorded study.yaml means another value
 # than today's default: such a folder is compared as if it recorded this value
 RECORDED_BEFORE = {"stage_assignment": "own"}
+# files that moved without changing (benchmarks/ was split into benchmarks/, experiments/ and
+# tools/): a folder that recorded the old path resumes under the new one
+MOVED_PATHS = {"benchmarks/clip/": "tools/clip/"}
+
+
+def moved(value):
+    """``value`` with a recorded path under a moved folder rewritten to where it is now."""
+    if isinstance(value, str):
+        for old, new in MOVED_PATHS.items():
+            if value.startswith(old):
+                return new + value[len(old):]
+    return value
 
 
 def run_study(cfg: StudyConfig, out: Path, poll_seconds: float = 10.0) -> None:
@@ -234,7 +246,8 @@ def record_config(cfg: StudyConfig, out: Path) -> None:
     path = out / "study.yaml"
     current = cfg.model_dump(mode="json")
     if path.is_file():
-        recorded = {**RECORDED_BEFORE, **(yaml.safe_load(path.read_text()) or {})}
+        recorded = {key: moved(value) for key, value in
+                    {**RECORDED_BEFORE, **(yaml.safe_load(path.read_text()) or {})}.items()}
         differ = sorted(k for k in current if k not in SELECTION_FIELDS
                         and k in recorded and recorded[k] != current[k])
         if differ:

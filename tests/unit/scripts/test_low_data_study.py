@@ -107,6 +107,23 @@ def test_a_folder_recorded_before_stage_assignment_was_trained_with_own(study, t
     study.record_config(toy_config(study, stage_assignment="own"), out)  # resumes as made
 
 
+def test_a_folder_that_recorded_a_moved_path_resumes_under_the_new_one(study, tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    cfg = toy_config(study, clip_model="tools/clip/uplvp-synth-vit.json")
+    study.record_config(cfg, out)
+    recorded = yaml.safe_load((out / "study.yaml").read_text())
+    recorded["clip_model"] = "benchmarks/clip/uplvp-synth-vit.json"  # as written before the move
+    (out / "study.yaml").write_text(yaml.safe_dump(recorded))
+    study.record_config(cfg, out)  # resumes
+    assert yaml.safe_load((out / "study.yaml").read_text())["clip_model"] == \
+        "tools/clip/uplvp-synth-vit.json"
+    recorded["clip_model"] = "benchmarks/other/uplvp-synth-vit.json"  # not a moved folder
+    (out / "study.yaml").write_text(yaml.safe_dump(recorded))
+    with pytest.raises(study.InputError, match=r"other settings \(clip_model\)"):
+        study.record_config(cfg, out)
+
+
 def test_a_cell_whose_pretraining_runs_elsewhere_is_deferred(study, tmp_path):
     cfg = toy_config(study, regimes=[100], arms=["full"])
     out = tmp_path / "study"
