@@ -6,7 +6,8 @@
 
 A cell's resolved fine-tuning config (``STUDY/finetune/CELL/stage.json``) is reused as it ran
 (same subset, pre-trained init, budget, seed), with the ``--set`` options (FinetuneConfig
-fields; values read as YAML) and a new run folder ``OUT/CELL-TAG``, written to
+fields, or a dotted path into a section such as ``train.max_steps`` or
+``model.freeze_backbone``; values read as YAML) and a new run folder ``OUT/CELL-TAG``, written to
 ``OUT/CELL-TAG.yaml`` and run by ``uplvp stage finetune --config`` in its own process (one
 thread unless ``--threads``; a finished or interrupted run resumes). Printed per cell: the
 final validation mask AP of the original and of the variant (the last ``val/segm_AP`` in each
@@ -19,6 +20,7 @@ running anything.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -37,7 +39,8 @@ class VariantError(Exception):
 
 
 def parse_sets(items: list[str]) -> dict:
-    """``["bce_weight=5.0", ...]`` -> ``{"bce_weight": 5.0}``; every key a FinetuneConfig field."""
+    """``["bce_weight=5.0", "train.max_steps=2000"]`` -> ``{"bce_weight": 5.0, "train.max_steps":
+    2000}``; a key is a FinetuneConfig field or a dotted path into one of its sections."""
     from stages.finetune import FinetuneConfig
 
     options = {}
@@ -45,7 +48,8 @@ def parse_sets(items: list[str]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise VariantError(f"--set {item!r}: expected KEY=VALUE")
-        if key not in FinetuneConfig.model_fields or key in ("out", "resume"):
+        top = key.split(".")[0]
+        if top not in FinetuneConfig.model_fields or top in ("out", "resume") or "" in key.split("."):
             raise VariantError(f"--set {key}: not a fine-tuning option that a variant may change")
         options[key] = yaml.safe_load(text)
     return options
@@ -60,8 +64,30 @@ def original_config(study: Path, cell: str) -> dict:
 
 
 def variant_config(original: dict, options: dict, out: Path) -> dict:
-    """``original`` with ``options`` applied and ``out`` as its run folder."""
-    return {**original, **options, "out": str(out), "resume": True}
+    """``original`` with ``options`` applied (a dotted key changes one value inside a section,
+    the rest of the section kept) and ``out`` as its run folder; the result must validate as a
+    FinetuneConfig (a misspelt nested key is refused)."""
+    from pydantic import ValidationError
+
+    from stages.finetune import FinetuneConfig
+
+    cfg = copy.deepcopy(original)
+    for key, value in options.items():
+        *sections, leaf = key.split(".")
+        node = cfg
+        for part in sections:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise VariantError(f"--set {key}: {part} is not a section")
+        node[leaf] = value
+    cfg.update(out=str(out), resume=True)
+    try:
+        FinetuneConfig.model_validate(cfg)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise VariantError(f"--set: {where}: {first['msg']}") from None
+    return cfg
 
 
 def final_ap(run_dir: Path) -> tuple[int, float] | None:

@@ -18,23 +18,48 @@ def _metrics(run_dir, points):
 
 
 def test_sets_are_parsed_as_yaml_and_must_be_finetune_options():
-    assert variant.parse_sets(["bce_weight=5.0", "stage_assignment=own"]) == {
-        "bce_weight": 5.0, "stage_assignment": "own"}
+    assert variant.parse_sets(["bce_weight=5.0", "stage_assignment=own", "train.max_steps=2000",
+                               "model.freeze_backbone=true"]) == {
+        "bce_weight": 5.0, "stage_assignment": "own", "train.max_steps": 2000,
+        "model.freeze_backbone": True}
     with pytest.raises(variant.VariantError, match="not a fine-tuning option"):
         variant.parse_sets(["bce_wieght=5"])
     with pytest.raises(variant.VariantError, match="not a fine-tuning option"):
         variant.parse_sets(["out=elsewhere"])
+    with pytest.raises(variant.VariantError, match="not a fine-tuning option"):
+        variant.parse_sets(["trian.max_steps=5"])
+    with pytest.raises(variant.VariantError, match="not a fine-tuning option"):
+        variant.parse_sets(["train..max_steps=5"])
     with pytest.raises(variant.VariantError, match="KEY=VALUE"):
         variant.parse_sets(["bce_weight"])
 
 
+def _resolved(tmp_path):
+    from stages.finetune import FinetuneConfig
+
+    return FinetuneConfig(train_data=tmp_path / "a.yaml", out=tmp_path / "old", init="pre",
+                          train={"max_steps": 10, "seed": 2, "lr": 0.5}).model_dump(mode="json")
+
+
 def test_variant_config_keeps_the_cell_and_changes_only_the_options(tmp_path):
-    original = {"train_data": "a.yaml", "init": "pre", "bce_weight": None, "out": "old",
-                "resume": True, "train": {"seed": 2}}
+    original = _resolved(tmp_path)
     cfg = variant.variant_config(original, {"bce_weight": 5.0}, tmp_path / "new")
-    assert cfg == {"train_data": "a.yaml", "init": "pre", "bce_weight": 5.0,
-                   "out": str(tmp_path / "new"), "resume": True, "train": {"seed": 2}}
-    assert original["out"] == "old"
+    assert cfg == {**original, "bce_weight": 5.0, "out": str(tmp_path / "new"), "resume": True}
+    assert original["out"] == str(tmp_path / "old") and original["bce_weight"] is None
+
+
+def test_a_dotted_option_changes_one_value_of_a_section(tmp_path):
+    original = _resolved(tmp_path)
+    cfg = variant.variant_config(original, {"train.max_steps": 20, "model.freeze_backbone": True,
+                                            "model.overrides.mask_stride": 8}, tmp_path / "new")
+    assert cfg["train"] == {**original["train"], "max_steps": 20}
+    assert cfg["model"] == {**original["model"], "freeze_backbone": True,
+                            "overrides": {"mask_stride": 8}}
+    assert original["train"]["max_steps"] == 10 and original["model"]["overrides"] == {}
+    with pytest.raises(variant.VariantError, match=r"train.max_stepz: Extra inputs"):
+        variant.variant_config(original, {"train.max_stepz": 20}, tmp_path / "new")
+    with pytest.raises(variant.VariantError, match="init is not a section"):
+        variant.variant_config(original, {"init.path": "x"}, tmp_path / "new")
 
 
 def test_final_ap_is_the_last_validation(tmp_path):
