@@ -73,6 +73,15 @@ def toy_config(study, **changes):
     return study.StudyConfig(**values)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "experiments" / "study").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_phase_file_is_a_valid_study(study, path):
+    values = yaml.safe_load(path.read_text())
+    cfg = study.StudyConfig(**values)  # unknown or mistyped fields raise
+    assert set(cfg.arms) <= set(study.ARMS) and set(cfg.decoders) <= set(study.DECODERS)
+    assert set(values) <= set(study.StudyConfig.model_fields)
+
+
 def test_try_lock_refuses_a_held_lock_and_frees_it_on_exit(study, tmp_path):
     path = tmp_path / "locks" / "a.lock"
     with study.try_lock(path) as first:
