@@ -513,9 +513,11 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
-def summarise(out: Path, records: list[dict]) -> list[dict]:
+def summarise(out: Path, records: list[dict], ap_at_steps: tuple[int, ...] = ()) -> list[dict]:
     """One row per (decoder, regime, arm): AP/AP50/AP75 mean ± std over seeds, and the steps
-    each seed needs to reach the scratch arm's final AP of the same seed (as % of its steps)."""
+    each seed needs to reach the scratch arm's final AP of the same seed (as % of its steps);
+    for each step of ``ap_at_steps``, the validation AP at that step (mean ± std over the
+    seeds whose curve has an evaluation there)."""
     # the target is the scratch run's last validation AP, so that both sides of the comparison
     # come from the same in-training evaluation (batching can move the final `evaluate` AP a bit)
     scratch = {}
@@ -547,6 +549,7 @@ def summarise(out: Path, records: list[dict]) -> list[dict]:
             "agnostic_mean": statistics.mean(agnostic) if agnostic else None,
             "AP50_agnostic": mean_std([r["AP50_agnostic"] for r in rs]) if agnostic else None,
             "peer_reach": peer_reach(out, records, rs),
+            "ap_at": {step: ap_at_step(out, rs, step) for step in ap_at_steps},
         })
     scratch_mean = {(r["decoder"], r["regime"]): r["ap_mean"] for r in rows
                     if r["arm"] == "scratch"}
@@ -579,6 +582,19 @@ def summarise(out: Path, records: list[dict]) -> list[dict]:
             base = peer_agnostic.get(r["regime"])
             r["vs_peer_agnostic"] = f"{r['agnostic_mean'] / base:.2f}x" if base else "-"
     return rows
+
+
+def ap_at_step(out: Path, group: list[dict], step: int) -> str:
+    """Validation mask AP at fine-tuning ``step`` over the cells of ``group`` (mean ± std over
+    the seeds with an evaluation at that step; "-" when none has one)."""
+    values = []
+    for r in group:
+        curve = dict(ap_curve(out / r["run"] / METRICS_FILE))
+        if step in curve:
+            values.append(curve[step])
+    if len(values) < len(group) and values:
+        return f"{mean_std(values)} ({len(values)}/{len(group)} seeds)"
+    return mean_std(values)
 
 
 def peer_reach(out: Path, records: list[dict], group: list[dict]) -> str:
@@ -615,6 +631,8 @@ def markdown_table(rows: list[dict]) -> str:
         columns += ["class-agnostic AP", "agnostic AP50", "agnostic / scratch"]
         if peer:
             columns.append("agnostic / Mask R-CNN")
+    ap_at_steps = list(rows[0].get("ap_at", {})) if rows else []
+    columns += [f"val AP at step {step}" for step in ap_at_steps]
     columns += ["AP gain over scratch, paired by seed", "steps to scratch's final AP (per seed)"]
     if peer:
         columns.append("step passing Mask R-CNN's final AP (per seed)")
@@ -629,6 +647,7 @@ def markdown_table(rows: list[dict]) -> str:
                       r.get("ratio_agnostic", "-")]
             if peer:
                 cells.append(r.get("vs_peer_agnostic", "-"))
+        cells += [r["ap_at"][step] for step in ap_at_steps]
         cells += [r["gain"], r["reach"]]
         if peer:
             cells.append(r["peer_reach"])
@@ -686,9 +705,10 @@ def plot_curves(out: Path, records: list[dict]) -> list[Path]:
     return paths
 
 
-def report(out: Path, results_md: Path | None, note: str = "") -> str:
+def report(out: Path, results_md: Path | None, note: str = "",
+           ap_at_steps: tuple[int, ...] = ()) -> str:
     records = read_results(out)
-    rows = summarise(out, records)
+    rows = summarise(out, records, ap_at_steps)
     table = markdown_table(rows)
     plots = plot_curves(out, records)
     text = table + "\nPlots: " + ", ".join(str(p) for p in plots) + "\n"
@@ -757,6 +777,9 @@ def main() -> None:
                         "(results_overview.md), then the reading (study_reading.md)")
     parser.add_argument("--export", type=Path, help="copy the results and per-run metrics "
                         "to this folder (to keep; report and resume from it)")
+    parser.add_argument("--ap-at-step", type=int, action="append", default=[], metavar="STEP",
+                        help="add a column of the validation mask AP at this fine-tuning step "
+                        "(mean ± std over seeds); repeatable")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this process "
                         "(run one process per core with --threads 1 to share an --out)")
     args = parser.parse_args()
@@ -778,7 +801,9 @@ def main() -> None:
             run_study(cfg, args.out)
     except InputError as err:
         raise SystemExit(f"error: {err}") from None
-    report(args.out, args.results_md, note)
+    if any(step < 0 for step in args.ap_at_step):
+        raise SystemExit("error: --ap-at-step must be a step >= 0")
+    report(args.out, args.results_md, note, tuple(args.ap_at_step))
     if args.export:
         print(f"exported {len(export(args.out, args.export))} files to {args.export}")
 

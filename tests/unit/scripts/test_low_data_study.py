@@ -220,6 +220,20 @@ def test_summary_ratio_paired_gain_and_steps_to_reach(study, tmp_path):
     header = study.markdown_table([scratch, full, peer]).splitlines()[0]
     assert "| class-agnostic AP | agnostic AP50 | agnostic / scratch | agnostic / Mask R-CNN |" in header
 
+    # the validation AP at a chosen step: mean ± std over seeds, counted where a curve lacks it
+    scratch, full, peer = study.summarise(tmp_path, records, ap_at_steps=(50, 100))
+    assert scratch["ap_at"] == {50: "1.2 ± 1.1", 100: "1.5 ± 0.7"}  # (0.5, 2.0) and (1.0, 2.0)
+    assert full["ap_at"] == {50: "2.0 ± 1.4", 100: "4.0 ± 1.4"}  # (3.0, 1.0) and (3.0, 5.0)
+    assert peer["ap_at"] == {50: "-", 100: "8.0"}  # Mask R-CNN is evaluated at step 100 only
+    table = study.markdown_table([scratch, full, peer]).splitlines()
+    columns = table[0].split(" | ")
+    at_50 = columns.index("val AP at step 50")
+    assert columns[at_50 + 1] == "val AP at step 100"
+    assert table[3].split(" | ")[at_50:at_50 + 2] == ["2.0 ± 1.4", "4.0 ± 1.4"]
+    records[0]["run"] = run("s0_short", [(50, 0.005)])  # seed 0 of scratch stopped at step 50
+    scratch = study.summarise(tmp_path, records, ap_at_steps=(100,))[0]
+    assert scratch["ap_at"] == {100: "2.0 (1/2 seeds)"}
+
 
 def test_clip_arms_pretrain_on_the_clip_proposers_shards_with_the_text_loss(study, tmp_path):
     import open_clip
