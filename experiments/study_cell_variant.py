@@ -121,12 +121,19 @@ def report(rows: list[tuple[str, tuple[int, float] | None, tuple[int, float] | N
         lines.append(f"{cell:<28} {100 * b:8.1f} {100 * a:8.1f} {100 * (a - b):+6.1f}")
         groups.setdefault(group_of(cell), []).append((b, a))
     for group, pairs in groups.items():
-        diffs = [100 * (a - b) for b, a in pairs]
-        spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+        diffs = [a - b for b, a in pairs]
         lines.append(f"{group}: original {100 * statistics.mean(b for b, _ in pairs):.1f}, {label} "
                      f"{100 * statistics.mean(a for _, a in pairs):.1f}, paired "
-                     f"{round(statistics.mean(diffs), 1) + 0.0:+.1f}{spread} ({sum(d > 0 for d in diffs)}/{len(diffs)} seeds up)")
+                     f"{paired_difference(pairs)} ({sum(d > 0 for d in diffs)}/{len(diffs)} seeds up)")
     return lines
+
+
+def paired_difference(pairs: list[tuple[float, float]]) -> str:
+    """The mean ± std over seeds of ``after - before`` for (before, after) AP pairs, in points
+    ("+0.7 ± 0.5"; no spread for one pair; a mean that rounds to zero prints as +0.0)."""
+    diffs = [100 * (a - b) for b, a in pairs]
+    spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+    return f"{round(statistics.mean(diffs), 1) + 0.0:+.1f}{spread}"
 
 
 def run_variant(config_path: Path, log: Path, threads: int) -> None:

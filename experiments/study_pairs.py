@@ -16,7 +16,9 @@ import argparse
 import statistics
 from pathlib import Path
 
-from experiments.low_data_study import PEER_DECODERS, format_percent, read_results
+from experiments.low_data_study import PEER_DECODERS, read_results
+from experiments.study_cell_variant import paired_difference
+from pipeline.splits import format_percent
 
 
 class PairsError(Exception):
@@ -55,13 +57,11 @@ def pairs_report(base: Path, variant: Path, peer: Path | None = None) -> str:
             lines.append(f"{seed:>4}  {100 * b:5.1f}  {100 * v:7.1f}  {100 * (v - b):+10.1f}")
         if not paired:
             continue
-        diffs = [v - b for b, v in paired]
-        spread = f" ± {100 * statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+        rose = sum(v > b for b, v in paired)
         line = (f"mean over {len(paired)} paired seed(s): base "
                 f"{100 * statistics.mean(b for b, _ in paired):.1f}, variant "
                 f"{100 * statistics.mean(v for _, v in paired):.1f}, difference "
-                f"{100 * statistics.mean(diffs):+.1f}{spread}, "
-                f"{sum(d > 0 for d in diffs)}/{len(diffs)} seeds up")
+                f"{paired_difference(paired)}, {rose}/{len(paired)} seeds up")
         peers = [ap for (d, r, a, _), ap in peer_cells.items()
                  if d in PEER_DECODERS and r == regime and a == "scratch"]
         if peers:
